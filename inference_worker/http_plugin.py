@@ -1,0 +1,63 @@
+"""vLLM endpoint plugin that adds layercast's routes to vLLM's own OpenAI-compatible server app.
+
+Registered under the `vllm.endpoint_plugins` entry-point group (see pyproject.toml) and enabled by
+`layercast serve` through `VLLM_PLUGINS`; users keep every vLLM route and flag. Also installs the
+middleware that answers 503 on generation routes while a failed sync has left the model torn.
+"""
+
+from __future__ import annotations
+
+import os
+from argparse import Namespace
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from inference_worker.engine_backend import VllmSyncBackend
+from rpc.errors import NotReady
+from rpc.routes import GENERATION_PATHS, build_router
+
+PLUGIN_NAME = "layercast"
+TOKEN_ENV = "LAYERCAST_ADMIN_TOKEN"
+
+
+class LayercastEndpointPlugin:
+    name = PLUGIN_NAME
+    required_tasks = ("generate",)
+
+    def __init__(self) -> None:
+        self.backend: VllmSyncBackend | None = None
+
+    def _backend(self) -> VllmSyncBackend:
+        if self.backend is None:
+            raise NotReady("the engine is not up yet")
+        return self.backend
+
+    def attach_router(self, app: FastAPI) -> None:
+        app.include_router(build_router(self._backend, os.environ.get(TOKEN_ENV) or None))
+
+        @app.middleware("http")
+        async def refuse_torn_model(request: Request, call_next: Any) -> Any:
+            backend = self.backend
+            if backend is not None and request.url.path in GENERATION_PATHS:
+                status = backend.status()
+                reason = status.last_error or "a sync is running"
+                if status.state == "torn" or (status.state == "syncing" and _strict_sync()):
+                    return JSONResponse(
+                        status_code=503,
+                        content={
+                            "error": "ModelTorn" if status.state == "torn" else "SyncInProgress",
+                            "detail": f"weights are {status.state}: {reason};"
+                            " generation resumes when a complete sync lands",
+                        },
+                    )
+            return await call_next(request)
+
+    async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
+        if engine_client is not None:
+            self.backend = VllmSyncBackend(engine_client)
+
+
+def _strict_sync() -> bool:
+    return os.environ.get("LAYERCAST_REFUSE_DURING_SYNC", "0") == "1"
