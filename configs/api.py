@@ -93,6 +93,7 @@ class UpdateWeightsResponse(BaseModel):
 
 class WeightsStatus(BaseModel):
     state: ServerState
+    num_workers: int | None = Field(default=None, description="ranks this server needs in the group")
     weights_version: int | None
     scheme: QuantScheme | None
     load_path: LoadPath | None

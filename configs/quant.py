@@ -1,27 +1,43 @@
 """The quantization scheme of the inference model, as detected from its HF `config.json`.
 
 One `QuantScheme` travels from detection (trainer side) through the wire header to the inference
-worker, so both sides agree on exactly which tensors a quantized linear layer is made of.
+worker, so both sides agree on exactly which tensors a quantized linear layer is made of, and which
+linear layers vLLM leaves unquantized.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 QuantKind = Literal["none", "fp8_block", "fp8_channel", "fp8_tensor", "mxfp8", "nvfp4"]
 ActivationMode = Literal["dynamic", "static", "none"]
+# Checkpoint layout of one weight's scale: "2d" (ceil(R/b0), ceil(C/b1)); "column" (R, 1);
+# "scalar" shape () as AutoFP8 / HF `fp8` per-tensor checkpoints store it; "one" shape (1,) as
+# compressed-tensors stores a per-tensor scale. vLLM's loader accepts both per-tensor layouts.
+ScaleShape = Literal["2d", "column", "scalar", "one"]
+
+# vLLM's `packed_modules_mapping` for Llama/Qwen-style models: the fused vLLM module -> the HF
+# checkpoint modules it is made of. Model-specific mappings can be passed to `is_ignored`.
+DEFAULT_FUSED_MAPPING: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+)
+
+_ROUTED_EXPERT = re.compile(r"^(.*\.experts)\.\d+\.[^.]+$")
 
 
 class QuantScheme(BaseModel):
     """How each quantized linear weight is stored in the inference model's checkpoint.
 
     `kind` says the weight format; `weight_scale_name` says the checkpoint key suffix of its scale
-    (`weight_scale_inv` for HF `fp8` blockwise, `weight_scale` otherwise); `ignore` lists module
-    patterns left unquantized (plain names, prefixes, or `re:<regex>` entries as in compressed-tensors);
-    `targets` lists what is quantized (compressed-tensors `targets`; default: every `Linear`).
+    (`weight_scale_inv` for HF `fp8` blockwise, `weight_scale` otherwise); `scale_shape` its layout;
+    `ignore` lists modules left unquantized, matched the way vLLM matches them for `source` (see
+    `is_ignored`); `targets` lists what is quantized (compressed-tensors `targets`; default: every
+    `Linear`). `ue8m0_scale` means block scales are powers of two (DeepSeek `scale_fmt: ue8m0`).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -33,10 +49,12 @@ class QuantScheme(BaseModel):
     source: str = "none"
     format: str | None = None
     weight_scale_name: str = "weight_scale"
-    scale_shape: Literal["2d", "column", "scalar"] | None = None
+    scale_shape: ScaleShape | None = None
+    ue8m0_scale: bool = False
     ignore: tuple[str, ...] = ()
     targets: tuple[str, ...] = ("Linear",)
     has_input_scale: bool = False
+    activation_scale_ub: float | None = None
     kv_cache_scheme: dict[str, object] | None = Field(default=None)
 
     @model_validator(mode="after")
@@ -47,23 +65,70 @@ class QuantScheme(BaseModel):
             raise ValueError(f"block_size is only meaningful for fp8_block, not {self.kind}")
         if self.block_size is not None and min(self.block_size) <= 0:
             raise ValueError(f"block_size must be positive, got {list(self.block_size)}")
+        if self.ue8m0_scale and self.kind != "fp8_block":
+            raise ValueError(f"ue8m0_scale is only meaningful for fp8_block, not {self.kind}")
         return self
 
     @property
     def quantized(self) -> bool:
         return self.kind != "none"
 
-    def is_ignored(self, module_name: str) -> bool:
-        """True when `module_name` (e.g. `model.layers.0.mlp.gate`) matches an ignore entry."""
-        for pattern in self.ignore:
-            if pattern.startswith("re:"):
-                if re.fullmatch(pattern[3:], module_name) or re.match(pattern[3:], module_name):
-                    return True
-            elif (
-                module_name == pattern
-                or module_name.endswith("." + pattern)
-                or module_name.startswith(pattern + ".")
-                or ("." + pattern + ".") in ("." + module_name + ".")
-            ):
+    def is_ignored(
+        self, module_name: str, fused_mapping: Mapping[str, Sequence[str]] = DEFAULT_FUSED_MAPPING
+    ) -> bool:
+        """True when vLLM 0.26 loads `module_name` unquantized because of the `ignore` list.
+
+        `module_name` is an HF checkpoint name (`model.layers.0.self_attn.q_proj`) or a fused vLLM
+        name (`...self_attn.qkv_proj`). A checkpoint shard of a fused module follows the fused
+        module's decision, as in vLLM: ignored when the fused name is listed or when all its shards
+        are; a list naming only some shards raises `ValueError` (vLLM refuses such a model too).
+
+        Matching follows `source`: compressed-tensors (`should_ignore_layer`) takes exact names and
+        `re:` regexes (`re.match`, anchored at the start only); HF `fp8` / `fbgemm_fp8`
+        (`is_layer_skipped`) take exact names only, and a routed expert
+        (`...mlp.experts.3.gate_proj`) is skipped when some entry containing "experts" contains
+        its MoE prefix (`...mlp.experts`): vLLM decides for the whole fused-MoE layer.
+        """
+        if not self.ignore:
+            return False
+        leaf = module_name.rsplit(".", 1)[-1]
+        if leaf not in fused_mapping:
+            for fused, shards in fused_mapping.items():
+                if leaf in shards and not _ROUTED_EXPERT.match(module_name):
+                    module_name = module_name[: len(module_name) - len(leaf)] + fused
+                    leaf = fused
+                    break
+        if self.source == "compressed-tensors":
+            return self._ct_ignored(module_name, leaf, fused_mapping)
+        return self._vllm_skipped(module_name, leaf, fused_mapping)
+
+    def _ct_ignored(self, name: str, leaf: str, fused_mapping: Mapping[str, Sequence[str]]) -> bool:
+        def match(layer: str) -> bool:
+            return any(
+                re.match(p[3:], layer) is not None if p.startswith("re:") else p == layer for p in self.ignore
+            )
+
+        if leaf in fused_mapping and name not in self.ignore:
+            return _all_or_none(name, leaf, fused_mapping[leaf], match)
+        return match(name)
+
+    def _vllm_skipped(self, name: str, leaf: str, fused_mapping: Mapping[str, Sequence[str]]) -> bool:
+        if leaf in fused_mapping:
+            if name in self.ignore:
                 return True
-        return False
+            return _all_or_none(name, leaf, fused_mapping[leaf], lambda shard: shard in self.ignore)
+        expert = _ROUTED_EXPERT.match(name)
+        prefix = expert.group(1) if expert else name
+        if "experts" in prefix:
+            return any(prefix in entry for entry in self.ignore if "experts" in entry)
+        return name in self.ignore
+
+
+def _all_or_none(name: str, leaf: str, shards: Sequence[str], match: Callable[[str], bool]) -> bool:
+    decisions = {shard: bool(match(name[: len(name) - len(leaf)] + shard)) for shard in shards}
+    if len(set(decisions.values())) > 1:
+        raise ValueError(
+            f"ignore list covers only some shards of fused module {name}: {decisions}; vLLM requires "
+            "all shards of a fused layer to share one precision"
+        )
+    return next(iter(decisions.values()))

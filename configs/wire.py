@@ -21,6 +21,7 @@ WIRE_DTYPES: tuple[str, ...] = (
     "float8_e4m3fn",
     "float8_e5m2",
     "float8_e8m0fnu",
+    "float4_e2m1fn_x2",
     "uint8",
     "int8",
     "int32",
@@ -70,4 +71,14 @@ class SyncHeader(BaseModel):
 
     @property
     def total_bytes(self) -> int:
+        """Bytes on the wire: the buckets, alignment padding included."""
         return sum(self.bucket_sizes)
+
+    @property
+    def payload_bytes(self) -> int:
+        """Bytes of tensor data the manifest describes."""
+        return sum(e.nbytes for e in self.entries)
+
+    @property
+    def max_bucket_size(self) -> int:
+        return max(self.bucket_sizes, default=0)

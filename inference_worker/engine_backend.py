@@ -46,7 +46,14 @@ class VllmSyncBackend:
 
     def __init__(self, engine_client: Any) -> None:
         self._engine = engine_client
-        self._status = WeightsStatus(state="uninitialized", weights_version=None, scheme=None, load_path=None)
+        parallel = engine_client.vllm_config.parallel_config
+        self._status = WeightsStatus(
+            state="uninitialized",
+            num_workers=parallel.world_size * parallel.data_parallel_size,
+            weights_version=None,
+            scheme=None,
+            load_path=None,
+        )
         self._init: InitBroadcasterRequest | None = None
 
     def status(self) -> WeightsStatus:

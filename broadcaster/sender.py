@@ -1,0 +1,175 @@
+"""Rank 0's side of a sync: header, accept vote, double-buffered bucket stream, commit vote.
+
+Invariants:
+- tensors are pulled lazily from the producer in manifest order and each one is checked against its
+  manifest entry (name, dtype, shape) before a byte of it is packed;
+- at most two bucket buffers exist; bucket k+1 is packed while bucket k's broadcast is in flight, and a
+  buffer is reused only after its broadcast completed (waited with a deadline);
+- if the producer fails or mismatches mid-stream, every remaining bucket is still broadcast (zero-filled)
+  and the failure is voted at the commit, so receivers never wait on data that will not come.
+On CUDA, ProcessGroupNCCL runs each broadcast on its own comm stream, ordered after the packing copies on
+the current stream by an event at enqueue; the host only polls completion (for the deadline) before
+reusing a buffer two buckets later, so packing and the wire overlap without other host syncs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+
+import torch
+
+from broadcaster.checksum import bucket_checksum
+from broadcaster.control import send_header, tally
+from broadcaster.errors import SyncFailed, SyncRefused
+from broadcaster.framing import pieces_by_bucket
+from broadcaster.group import Group
+from broadcaster.report import SyncReport
+from broadcaster.timeouts import Timeouts
+from configs.wire import ManifestEntry, SyncHeader
+
+
+class _ProducerError(Exception):
+    """The producer stream cannot continue; the message becomes the sender's commit vote reason."""
+
+
+def _next_tensor(
+    it: Iterator[tuple[str, torch.Tensor]], entry: ManifestEntry, index: int, total: int
+) -> torch.Tensor:
+    try:
+        name, tensor = next(it)
+    except StopIteration:
+        raise _ProducerError(
+            f"producer stopped after {index} of {total} tensors; expected {entry.name}"
+        ) from None
+    got = (name, str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape))
+    if got != (entry.name, entry.dtype, entry.shape):
+        raise _ProducerError(
+            f"tensor #{index} does not match the manifest: expected {entry.name} {entry.dtype} "
+            f"{list(entry.shape)}, producer gave {got[0]} {got[1]} {list(got[2])}"
+        )
+    return tensor
+
+
+def _pack(dst: torch.Tensor, tensor: torch.Tensor, entry: ManifestEntry, offset: int) -> None:
+    """Copy bytes [offset, offset + dst.numel()) of `tensor` into the uint8 slice `dst`."""
+    if dst.numel() == 0:
+        return
+    if tensor.is_contiguous():
+        dst.copy_(tensor.reshape(-1).view(torch.uint8)[offset : offset + dst.numel()])
+    elif len(entry.pieces) == 1:
+        dst.view(tensor.dtype).view(tensor.shape).copy_(tensor)  # strided copy, no temporary
+    else:
+        dst.copy_(tensor.contiguous().reshape(-1).view(torch.uint8)[offset : offset + dst.numel()])
+
+
+class Sender:
+    """Broadcasts syncs from rank 0 of `group`."""
+
+    def __init__(self, group: Group, *, timeouts: Timeouts | None = None) -> None:
+        if group.rank != 0:
+            raise ValueError(f"the sender is rank 0, this group's rank is {group.rank}")
+        self.group = group
+        self.timeouts = timeouts or Timeouts()
+
+    def send(self, header: SyncHeader, tensors: Iterable[tuple[str, torch.Tensor]]) -> SyncReport:
+        """Run one sync; returns the report or raises `SyncRefused`, `SyncFailed` or another
+        `BroadcastError` (timeout / lost peer: the group is then aborted and must be replaced)."""
+        g, to = self.group, self.timeouts
+        g.check_health()
+        seq = g.next_seq()
+        t0 = time.monotonic()
+        send_header(g, header, to.header_s)
+        t1 = time.monotonic()
+        refusals = tally(g, seq, "accept", False, "", to.vote_s)
+        t2 = time.monotonic()
+        if refusals:
+            raise SyncRefused(refusals)
+        sums: list[torch.Tensor] = []
+        error, work_s, wait_s, peak = self._stream(header, iter(tensors), sums)
+        t3 = time.monotonic()
+        if header.checksum and sums:
+            g.wait(g.broadcast(torch.stack(sums)), to.commit_s, f"the checksum broadcast of sync {seq}")
+        failures = tally(g, seq, "commit", error is not None, str(error or ""), to.commit_s)
+        t4 = time.monotonic()
+        if failures:
+            raise SyncFailed(failures) from error
+        return SyncReport(
+            role="sender",
+            rank=g.rank,
+            sync_id=header.sync_id,
+            tensors=len(header.entries),
+            payload_bytes=header.payload_bytes,
+            wire_bytes=header.total_bytes,
+            buckets=len(header.bucket_sizes),
+            header_s=t1 - t0,
+            vote_s=t2 - t1,
+            transfer_s=t3 - t2,
+            work_s=work_s,
+            wait_s=wait_s,
+            commit_s=t4 - t3,
+            total_s=t4 - t0,
+            peak_buffer_bytes=peak,
+        )
+
+    def _stream(
+        self, header: SyncHeader, it: Iterator[tuple[str, torch.Tensor]], sums: list[torch.Tensor]
+    ) -> tuple[Exception | None, float, float, int]:
+        """Broadcast every bucket; returns (producer error or None, work s, wait s, peak buffer bytes)."""
+        g, sizes, entries = self.group, header.bucket_sizes, header.entries
+        plan = pieces_by_bucket(header)
+        bufs = [torch.empty(header.max_bucket_size, dtype=torch.uint8, device=g.device) for _ in sizes[:2]]
+        in_flight: list[object | None] = [None, None]
+        zeroed = [False, False]
+        error: Exception | None = None
+        current: torch.Tensor | None = None
+        produced, work_s, wait_s = 0, 0.0, 0.0
+        try:
+            for k, size in enumerate(sizes):
+                slot = k % 2
+                if in_flight[slot] is not None:
+                    wait_s += g.wait(in_flight[slot], self.timeouts.bucket_s, f"bucket {k - 2} to go out")  # type: ignore[arg-type]
+                buf = bufs[slot][:size]
+                start = time.monotonic()
+                if error is None:
+                    try:
+                        for index, piece in plan[k]:
+                            entry = entries[index]
+                            if piece.tensor_offset == 0:
+                                current = _next_tensor(it, entry, produced, len(entries))
+                                produced += 1
+                            assert current is not None
+                            dst = buf[piece.bucket_offset : piece.bucket_offset + piece.nbytes]
+                            _pack(dst, current, entry, piece.tensor_offset)
+                            if piece.tensor_offset + piece.nbytes == entry.nbytes:
+                                current = None
+                    except Exception as e:
+                        error, current = e, None
+                if error is not None and not zeroed[slot]:
+                    bufs[slot].zero_()
+                    zeroed[slot] = True
+                if header.checksum:
+                    sums.append(bucket_checksum(buf))
+                work_s += time.monotonic() - start
+                in_flight[slot] = g.broadcast(buf)
+            for work in in_flight:
+                if work is not None:
+                    wait_s += g.wait(work, self.timeouts.bucket_s, "the last buckets to go out")  # type: ignore[arg-type]
+            if error is None:
+                extra = next(it, None)
+                if extra is not None:
+                    error = _ProducerError(
+                        f"producer yielded more than the manifest's {len(entries)} tensors: {extra[0]}"
+                    )
+        except BaseException:
+            g.abort("sender interrupted mid-stream")
+            raise
+        finally:
+            close = getattr(it, "close", None)
+            if error is not None and callable(close):
+                close()
+        if error is not None and not isinstance(error, _ProducerError):
+            wrapped = _ProducerError(f"producer raised {type(error).__name__}: {error}")
+            wrapped.__cause__ = error
+            error = wrapped
+        return error, work_s, wait_s, len(bufs) * header.max_bucket_size

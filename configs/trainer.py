@@ -1,0 +1,35 @@
+"""Configuration of the trainer's `WeightBroadcaster` (which servers, where to rendezvous, limits)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from configs.api import Backend, LoadPathRequest
+
+DEFAULT_BUCKET_BYTES = 256 * 1024 * 1024
+
+
+class BroadcasterConfig(BaseModel):
+    """`inference_config` is the *inference* model's HF config: a model directory, a config.json path,
+    or the parsed dict; its `quantization_config` decides what the trainer sends."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    servers: list[str] = Field(min_length=1, description="base URLs of the inference servers")
+    inference_config: str | dict[str, Any]
+    master_address: str = "127.0.0.1"
+    master_port: int = Field(default=29551, ge=1, le=65535)
+    backend: Backend = "auto"
+    load_path: LoadPathRequest = "auto"
+    bucket_bytes: int = Field(default=DEFAULT_BUCKET_BYTES, ge=1024)
+    rendezvous_timeout_s: float = Field(default=120.0, gt=0)
+    step_timeout_s: float = Field(default=120.0, gt=0)
+    sync_timeout_s: float = Field(default=600.0, gt=0)
+    http_timeout_s: float = Field(default=30.0, gt=0)
+    checksum: bool = False
+    token: str | None = Field(default=None, repr=False)
+    send_dtype: str | None = Field(
+        default=None, description="cast unquantized tensors to this dtype (e.g. bfloat16); None keeps them"
+    )

@@ -1,0 +1,130 @@
+"""vLLM worker extension (``worker_extension_cls``) exposing layercast's load paths via ``collective_rpc``.
+
+Mixed into vLLM's worker class, so ``self`` is the worker. ``_load_stream(path, iterator, manifest)`` is
+the single entry point that consumes ``(name, tensor)`` pairs; the network receive will feed it. The
+``layercast_*`` methods are what ``collective_rpc`` calls (arguments must be msgpack-able when the
+engine runs in its own process: pass safetensors paths, not tensors).
+
+Importing this module with ``LAYERCAST_CPU_PLAIN_LINEAR=1`` on a CPU build makes vLLM keep linear
+weights in place (see ``vllm_compat.use_plain_cpu_linear``); vLLM imports it before loading the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+
+from inference_worker import load_paths, vllm_compat
+
+vllm_compat.maybe_use_plain_cpu_linear()
+
+MAX_KEPT_STATS = 64
+
+
+class LayercastWorkerExtension:
+    """Methods added to the vLLM worker; all names start with ``layercast_`` / ``_layercast`` / ``_load``."""
+
+    # --- helpers ------------------------------------------------------------------------------
+    def _layercast_model(self) -> torch.nn.Module:
+        return vllm_compat.worker_model(self)
+
+    def _layercast_stats(self) -> list[dict[str, Any]]:
+        stats: list[dict[str, Any]] | None = getattr(self, "_layercast_stats_list", None)
+        if stats is None:
+            stats = []
+            self._layercast_stats_list = stats
+        return stats
+
+    def _load_stream(
+        self,
+        path: str,
+        weights: Iterable[tuple[str, torch.Tensor]],
+        manifest: Sequence[Sequence[Any]] | None = None,
+    ) -> dict[str, Any]:
+        """Consume one sync's ``(name, tensor)`` stream through ``path`` (``auto`` needs ``manifest``
+        for the kernel path). Kernel loads require ``manifest`` and check it before copying.
+        Returns the load stats (also kept for :meth:`layercast_load_stats`)."""
+        model = self._layercast_model()
+        chosen, reason = load_paths.choose_load_path(model, path, manifest)
+        if chosen == "kernel":
+            if manifest is None:
+                raise load_paths.LoadPathError("kernel path needs the stream's manifest up front")
+            stats = load_paths.load_kernel(model, weights, manifest)
+        elif chosen == "layerwise":
+            stats = load_paths.load_layerwise(model, weights, vllm_compat.worker_model_config(self))
+        else:
+            stats = load_paths.load_checkpoint(
+                model, weights, vllm_compat.worker_model_config(self), vllm_compat.worker_device(self)
+            )
+        self._layercast_after_load()
+        out = stats.as_dict() | {"reason": reason}
+        kept = self._layercast_stats()
+        kept.append(out)
+        del kept[:-MAX_KEPT_STATS]
+        return out
+
+    def _layercast_after_load(self) -> None:
+        """What vLLM's own reload_weights does after loading (encoder/multimodal caches).
+
+        The KV prefix cache lives in the scheduler: callers reset it (``/pause`` with clear_cache,
+        ``LLM.reset_prefix_cache``) before serving with new weights.
+        """
+        runner = self.model_runner  # type: ignore[attr-defined]
+        for name in ("reset_encoder_cache", "reset_mm_cache"):
+            fn = getattr(runner, name, None)
+            if callable(fn):
+                fn()
+
+    # --- collective_rpc methods ------------------------------------------------------------------
+    def layercast_runtime_manifest(self) -> list[list[Any]]:
+        """The runtime layout ``[[name, dtype, shape], ...]`` the trainer must produce for the kernel path."""
+        return [[n, d, list(s)] for n, d, s in load_paths.runtime_manifest(self._layercast_model())]
+
+    def layercast_choose_path(self, requested: str = "auto", manifest: list[list[Any]] | None = None) -> list[str]:
+        """``[path, reason]`` that :meth:`_load_stream` would use."""
+        chosen, reason = load_paths.choose_load_path(self._layercast_model(), requested, manifest)
+        return [chosen, reason]
+
+    def layercast_load(
+        self,
+        path: str,
+        tensors: str | dict[str, torch.Tensor] | list[tuple[str, torch.Tensor]],
+        manifest: list[list[Any]] | None = None,
+    ) -> dict[str, Any]:
+        """Load ``tensors`` (a safetensors file path, or in-process a dict/list) through ``path``.
+
+        Refusals (manifest mismatch, unusable path) come back as ``{"ok": False, "error": ...}`` with
+        nothing copied; success as the load stats with ``"ok": True``.
+        """
+        device = vllm_compat.worker_device(self)
+        if isinstance(tensors, str):
+            from safetensors.torch import load_file
+
+            pairs = list(load_file(tensors, device="cpu").items())
+        elif isinstance(tensors, dict):
+            pairs = list(tensors.items())
+        else:
+            pairs = [(str(n), t) for n, t in tensors]
+        pairs = [(n, t.to(device)) for n, t in pairs]
+        if manifest is None and path in ("kernel", "auto"):
+            manifest = [list(e) for e in load_paths.manifest_of(pairs)]
+        try:
+            stats = self._load_stream(path, iter(pairs), manifest)
+        except load_paths.LoadPathError as e:
+            return {"ok": False, "error": str(e)}
+        return stats | {"ok": True}
+
+    def layercast_load_stats(self) -> list[dict[str, Any]]:
+        """Stats of the recent loads, oldest first."""
+        return list(self._layercast_stats())
+
+    def layercast_weights_checksum(self) -> str:
+        """sha256 over the names and bytes of all runtime tensors (sorted by name)."""
+        h = hashlib.sha256()
+        for name, t in sorted(load_paths.runtime_tensors(self._layercast_model()).items()):
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()

@@ -1,0 +1,202 @@
+"""The network half of the worker extension: join the broadcast group, receive a sync, load it.
+
+`layercast_init` and `layercast_receive` run on every worker of a server through `collective_rpc`.
+They never raise through the RPC: each returns a plain dict (`ok`, `kind`, `error`, `torn`, ...) that
+`engine_backend` turns into an HTTP answer. Invariants:
+- nothing is loaded before every rank accepted the header (names, shapes, dtypes, scheme, ids checked);
+- a worker whose load started and did not finish reports `torn=True` (the server then refuses to serve);
+- after a timeout or a lost peer the group is aborted; the next `/init_broadcaster` makes a fresh one
+  in the same processes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from broadcaster.errors import BroadcastError, BroadcastTimeout, SyncFailed, SyncRefused
+from broadcaster.group import Group
+from broadcaster.receiver import Receiver
+from broadcaster.timeouts import Timeouts
+from configs.api import InitBroadcasterRequest
+from configs.quant import QuantScheme
+from configs.wire import SyncHeader
+from inference_worker import load_paths, vllm_compat
+
+
+def _result(ok: bool, kind: str = "", error: str = "", **extra: Any) -> dict[str, Any]:
+    return {"ok": ok, "kind": kind, "error": error, **extra}
+
+
+class _SyncState:
+    """What one worker remembers between RPCs."""
+
+    def __init__(self, req: InitBroadcasterRequest, group: Group, rank: int, path: str, server_ranks: range):
+        self.req = req
+        self.group = group
+        self.rank = rank
+        self.path = path
+        self.server_ranks = server_ranks
+
+
+def _owned_copies(stream: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Layerwise reload keeps references to incoming tensors until their module is complete, possibly
+    after the receive buffer they view was reused: give it tensors it owns (one module's worth)."""
+    for name, t in stream:
+        yield name, t.clone()
+
+
+class BroadcastReceiverMixin:
+    """Mixed into the vLLM worker (with `LayercastWorkerExtension`)."""
+
+    _layercast_sync: _SyncState | None = None
+
+    def layercast_init(self, request: dict[str, Any]) -> dict[str, Any]:
+        try:
+            req = InitBroadcasterRequest.model_validate(request)
+        except ValueError as exc:
+            return _result(False, "bad_request", f"invalid init request: {exc}")
+        index, server_size = vllm_compat.worker_index(self)
+        rank = req.rank_offset + index
+        last = req.rank_offset + server_size - 1
+        if last >= req.world_size:
+            return _result(
+                False,
+                "bad_request",
+                f"this server has {server_size} workers needing ranks {req.rank_offset}..{last}, "
+                f"but world_size={req.world_size} only has ranks up to {req.world_size - 1}",
+            )
+        model = vllm_compat.worker_model(self)
+        try:
+            path, reason = load_paths.choose_load_path(model, req.load_path, None)
+        except load_paths.LoadPathError as exc:
+            return _result(False, "bad_request", str(exc))
+        device = vllm_compat.worker_device(self)
+        backend = req.backend if req.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+        old = self._layercast_sync
+        if old is not None:
+            old.group.close()
+            self._layercast_sync = None
+        try:
+            group = Group(
+                req.master_address,
+                req.master_port,
+                req.world_size,
+                rank,
+                backend=backend,
+                who=f"inference server ranks {req.rank_offset}..{last}, worker {index}",
+                timeout_s=req.rendezvous_timeout_s,
+                device=device,
+            )
+        except BroadcastError as exc:
+            return _result(False, "timeout" if isinstance(exc, BroadcastTimeout) else "bad_request", str(exc))
+        self._layercast_sync = _SyncState(req, group, rank, path, range(req.rank_offset, last + 1))
+        manifest = None
+        if path == "kernel":
+            manifest = [
+                {"name": n, "dtype": d, "shape": list(s)} for n, d, s in load_paths.runtime_manifest(model)
+            ]
+        return _result(True, rank=rank, load_path=path, load_path_reason=reason, runtime_manifest=manifest)
+
+    def _layercast_check(
+        self, header: SyncHeader, sync_id: str, version: int, scheme: QuantScheme
+    ) -> str | None:
+        if header.sync_id != sync_id:
+            return f"trainer sent sync {header.sync_id!r} but this server was asked to receive {sync_id!r}"
+        if header.weights_version != version:
+            return (
+                f"trainer sent weights_version {header.weights_version}, this server was asked for {version}"
+            )
+        if header.scheme != scheme:
+            return (
+                f"trainer sends scheme {header.scheme.kind} ({header.scheme.source}) but this server was "
+                f"initialised for {scheme.kind} ({scheme.source})"
+            )
+        state = self._layercast_sync
+        assert state is not None
+        model = vllm_compat.worker_model(self)
+        entries = [(e.name, e.dtype, e.shape) for e in header.entries]
+        if state.path == "kernel":
+            return load_paths.check_kernel_manifest(model, entries)
+        return load_paths.check_checkpoint_manifest(model, entries)
+
+    def layercast_receive(self, sync_id: str, weights_version: int, timeout_s: float) -> dict[str, Any]:
+        state = self._layercast_sync
+        if state is None:
+            return _result(
+                False, "not_ready", "not joined to a broadcast group: call /init_broadcaster first"
+            )
+        broken = state.group.broken
+        if broken:
+            return _result(
+                False, "not_ready", f"the broadcast group was aborted ({broken}); re-run /init_broadcaster"
+            )
+        step = state.req.step_timeout_s
+        receiver = Receiver(
+            state.group, timeouts=Timeouts(header_s=timeout_s, vote_s=step, bucket_s=step, commit_s=step)
+        )
+        started = time.perf_counter()
+        try:
+            incoming = receiver.begin(
+                lambda h: self._layercast_check(h, sync_id, weights_version, state.req.scheme)
+            )
+        except SyncRefused as exc:
+            return _result(False, "refused", str(exc), torn=False)
+        except BroadcastError as exc:
+            kind = "timeout" if isinstance(exc, BroadcastTimeout) else "failed"
+            return _result(False, kind, f"{exc}; re-run /init_broadcaster", torn=False)
+        wait_s = time.perf_counter() - started
+        stream: Iterator[tuple[str, torch.Tensor]] = iter(incoming)
+        if state.path == "layerwise":
+            stream = _owned_copies(stream)
+        manifest = [(e.name, e.dtype, e.shape) for e in incoming.header.entries]
+        load_error = ""
+        stats: dict[str, Any] = {}
+        t_load = time.perf_counter()
+        try:
+            stats = self._load_stream(state.path, stream, manifest)  # type: ignore[attr-defined]
+        except BroadcastError as exc:  # the wire failed mid-stream: the group is gone
+            kind = "timeout" if isinstance(exc, BroadcastTimeout) else "failed"
+            return _result(False, kind, f"{exc}; re-run /init_broadcaster", torn=True)
+        except Exception as exc:
+            load_error = f"loading failed on rank {state.rank}: {type(exc).__name__}: {exc}"
+        load_s = time.perf_counter() - t_load
+        try:
+            report = incoming.finish(ok=not load_error, reason=load_error)
+        except SyncFailed as exc:
+            ours = [r for r in exc.reasons if r in state.server_ranks or r == 0]
+            if ours or load_error:
+                return _result(False, "failed", str(exc), torn=True)
+            # Only other servers failed: every tensor of ours arrived and loaded, so this server is
+            # complete at the new version; the orchestrator learns of the others from them.
+            return _result(
+                True,
+                load_path=state.path,
+                bytes_received=incoming.header.total_bytes,
+                num_tensors=len(incoming.header.entries),
+                timings={"wait_s": wait_s, "load_s": load_s, "total_s": time.perf_counter() - started},
+                peer_error=str(exc),
+                torn=False,
+            )
+        except BroadcastError as exc:
+            kind = "timeout" if isinstance(exc, BroadcastTimeout) else "failed"
+            return _result(False, kind, f"{exc}; re-run /init_broadcaster", torn=True)
+        timings = {
+            "wait_s": wait_s,
+            "receive_s": report.wait_s,
+            "load_s": load_s - report.wait_s,
+            "commit_s": report.commit_s,
+            "total_s": time.perf_counter() - started,
+        }
+        return _result(
+            True,
+            load_path=state.path,
+            bytes_received=report.payload_bytes,
+            num_tensors=report.tensors,
+            timings=timings,
+            load_stats=stats,
+            torn=False,
+        )

@@ -1,0 +1,136 @@
+"""Shared fixtures: tiny random HF checkpoints on disk (Llama, Qwen3, Qwen3-MoE) and vLLM engine helpers.
+
+Each model kind gets two seeds: ``B`` (a full HF checkpoint directory engines start from) and ``A``
+(a second random checkpoint with the same config, as an HF-named safetensors file and directory).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+VOCAB = 512
+
+
+@dataclass(frozen=True)
+class TinyModel:
+    """A tiny random model written twice (seeds A and B) in HF checkpoint format."""
+
+    kind: str
+    dir_a: Path
+    dir_b: Path
+
+    @property
+    def file_a(self) -> Path:
+        return self.dir_a / "model.safetensors"
+
+    @property
+    def file_b(self) -> Path:
+        return self.dir_b / "model.safetensors"
+
+
+def _config(kind: str) -> Any:
+    common: dict[str, Any] = dict(
+        vocab_size=VOCAB, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=256, tie_word_embeddings=False,
+    )
+    if kind == "llama":
+        from transformers import LlamaConfig
+
+        return LlamaConfig(intermediate_size=128, **common)
+    if kind == "qwen3":
+        from transformers import Qwen3Config
+
+        return Qwen3Config(intermediate_size=128, head_dim=64, **common)
+    if kind == "qwen3_moe":
+        from transformers import Qwen3MoeConfig
+
+        return Qwen3MoeConfig(intermediate_size=128, moe_intermediate_size=64, num_experts=4,
+                              num_experts_per_tok=2, head_dim=64, decoder_sparse_step=1, **common)
+    raise ValueError(kind)
+
+
+def _write(kind: str, seed: int, out: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(_config(kind), torch_dtype=torch.float32)
+    with torch.no_grad():  # HF inits norms to 1: randomise them so every tensor matters
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(out, safe_serialization=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, TinyModel]:
+    """``{"llama"|"qwen3"|"qwen3_moe": TinyModel}``, fp32, vocab 512, hidden 128, head_dim 64, 2 layers."""
+    root = tmp_path_factory.mktemp("tiny_models")
+    out: dict[str, TinyModel] = {}
+    for i, kind in enumerate(("llama", "qwen3", "qwen3_moe")):
+        tm = TinyModel(kind, root / f"{kind}_a", root / f"{kind}_b")
+        _write(kind, 100 + i, tm.dir_a)
+        _write(kind, 200 + i, tm.dir_b)
+        out[kind] = tm
+    return out
+
+
+def start_llm(model_dir: Path, **kwargs: Any) -> Any:
+    """One CPU vLLM engine with layercast's worker extension (fp32, eager, small)."""
+    from vllm import LLM
+
+    return LLM(
+        model=str(model_dir), skip_tokenizer_init=True, dtype="float32", max_model_len=128,
+        enforce_eager=True, max_num_seqs=4, seed=0, kv_cache_memory_bytes=64 << 20,
+        worker_extension_cls="inference_worker.extension.LayercastWorkerExtension", **kwargs,
+    )
+
+
+def stop_llm(llm: Any) -> None:
+    """Shut the engine down and free its memory before the next module starts one."""
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception:
+        pass
+    del llm
+    gc.collect()
+
+
+@pytest.fixture(scope="module")
+def plain_cpu_linear() -> Iterator[None]:
+    """Make the engine keep CPU linear weights in place (env read by the extension in the worker)."""
+    old = os.environ.get("LAYERCAST_CPU_PLAIN_LINEAR")
+    os.environ["LAYERCAST_CPU_PLAIN_LINEAR"] = "1"
+    yield
+    if old is None:
+        os.environ.pop("LAYERCAST_CPU_PLAIN_LINEAR", None)
+    else:
+        os.environ["LAYERCAST_CPU_PLAIN_LINEAR"] = old
+
+
+PROMPTS: list[list[int]] = [
+    [(7 * i + 3) % VOCAB for i in range(37)],
+    [1, 5, 9, 33, 77, 101, 250, 499, 12, 64, 3, 200, 17, 18, 19, 300, 301, 302, 5, 6],
+]
+
+
+def greedy(llm: Any, n: int = 8) -> list[tuple[list[int], list[float]]]:
+    """Greedy tokens and their logprobs for :data:`PROMPTS` (prefix cache reset first)."""
+    from vllm import SamplingParams
+
+    llm.reset_prefix_cache()
+    sp = SamplingParams(temperature=0.0, max_tokens=n, logprobs=0, detokenize=False)
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], sp, use_tqdm=False)
+    res = []
+    for o in outs:
+        c = o.outputs[0]
+        lps = [float(step[tok].logprob) for tok, step in zip(c.token_ids, c.logprobs, strict=True)]
+        res.append((list(c.token_ids), lps))
+    return res

@@ -1,0 +1,352 @@
+"""Tests for `trainer_side.detect` and `QuantScheme.is_ignored`, against vLLM 0.26's own parsers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from configs.quant import DEFAULT_FUSED_MAPPING, QuantScheme
+from trainer_side.detect import UnsupportedQuantization, detect_quant_scheme
+
+CONFIGS = Path(__file__).parent / "data" / "configs"
+FUSED = {k: list(v) for k, v in DEFAULT_FUSED_MAPPING.items()}
+
+
+def _load(name: str) -> dict[str, Any]:
+    return json.loads((CONFIGS / name).read_text())
+
+
+QWEN3_MOE_IGNORE = ("lm_head", *(f"model.layers.{i}.mlp.gate" for i in range(48)))
+KV_SCHEME = {
+    "actorder": None,
+    "block_structure": None,
+    "dynamic": False,
+    "group_size": None,
+    "num_bits": 8,
+    "observer": "minmax",
+    "observer_kwargs": {},
+    "strategy": "tensor",
+    "symmetric": True,
+    "type": "float",
+}
+
+EXPECTED: dict[str, QuantScheme] = {
+    "no_quantization_qwen3_8b.json": QuantScheme(),
+    "hf_fp8_block_qwen3_8b.json": QuantScheme(
+        kind="fp8_block",
+        block_size=(128, 128),
+        activation="dynamic",
+        source="fp8",
+        weight_scale_name="weight_scale_inv",
+        scale_shape="2d",
+    ),
+    "hf_fp8_block_deepseek_v3.json": QuantScheme(
+        kind="fp8_block",
+        block_size=(128, 128),
+        activation="dynamic",
+        source="fp8",
+        weight_scale_name="weight_scale_inv",
+        scale_shape="2d",
+    ),
+    "hf_fp8_block_ue8m0_deepseek_v31.json": QuantScheme(
+        kind="fp8_block",
+        block_size=(128, 128),
+        activation="dynamic",
+        source="fp8",
+        weight_scale_name="weight_scale_inv",
+        scale_shape="2d",
+        ue8m0_scale=True,
+    ),
+    "hf_fp8_block_moe_qwen3_30b_a3b.json": QuantScheme(
+        kind="fp8_block",
+        block_size=(128, 128),
+        activation="dynamic",
+        source="fp8",
+        weight_scale_name="weight_scale_inv",
+        scale_shape="2d",
+        ignore=QWEN3_MOE_IGNORE,
+    ),
+    "hf_fp8_tensor_static_llama3.json": QuantScheme(
+        kind="fp8_tensor",
+        activation="static",
+        source="fp8",
+        weight_scale_name="weight_scale",
+        scale_shape="scalar",
+        ignore=("lm_head",),
+        has_input_scale=True,
+    ),
+    "hf_fp8_tensor_dynamic.json": QuantScheme(
+        kind="fp8_tensor",
+        activation="dynamic",
+        source="fp8",
+        weight_scale_name="weight_scale",
+        scale_shape="scalar",
+        ignore=(
+            "lm_head",
+            "model.layers.0.self_attn.q_proj",
+            "model.layers.0.self_attn.k_proj",
+            "model.layers.0.self_attn.v_proj",
+        ),
+    ),
+    "fbgemm_fp8_llama31_405b.json": QuantScheme(
+        kind="fp8_channel",
+        activation="dynamic",
+        source="fbgemm_fp8",
+        weight_scale_name="weight_scale",
+        scale_shape="column",
+        ignore=(
+            "model.layers.0.mlp.down_proj",
+            "model.layers.0.mlp.gate_proj",
+            "model.layers.0.mlp.up_proj",
+            "model.layers.125.mlp.down_proj",
+            "model.layers.125.mlp.gate_proj",
+            "model.layers.125.mlp.up_proj",
+            "lm_head",
+        ),
+        activation_scale_ub=1200.0,
+    ),
+    "ct_fp8_dynamic_channel_llama31.json": QuantScheme(
+        kind="fp8_channel",
+        activation="dynamic",
+        source="compressed-tensors",
+        format="float-quantized",
+        weight_scale_name="weight_scale",
+        scale_shape="column",
+        ignore=("lm_head",),
+    ),
+    "ct_fp8_static_tensor_kv_llama31.json": QuantScheme(
+        kind="fp8_tensor",
+        activation="static",
+        source="compressed-tensors",
+        format="float-quantized",
+        weight_scale_name="weight_scale",
+        scale_shape="one",
+        ignore=("lm_head",),
+        has_input_scale=True,
+        kv_cache_scheme=KV_SCHEME,
+    ),
+    "ct_fp8_block_qwen3_moe.json": QuantScheme(
+        kind="fp8_block",
+        block_size=(128, 128),
+        activation="dynamic",
+        source="compressed-tensors",
+        format="float-quantized",
+        weight_scale_name="weight_scale",
+        scale_shape="2d",
+        ignore=("lm_head", "re:.*mlp.gate$"),
+    ),
+    "ct_fp8_channel_multi_group.json": QuantScheme(
+        kind="fp8_channel",
+        activation="dynamic",
+        source="compressed-tensors",
+        format="float-quantized",
+        weight_scale_name="weight_scale",
+        scale_shape="column",
+        ignore=("lm_head", "re:model\\.layers\\.(0|35)\\.mlp\\.", "model.layers.1.self_attn.o_proj"),
+        targets=("re:.*self_attn\\.(q|k|v|o)_proj$", "re:.*mlp\\.(gate|up|down)_proj$"),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_detects_every_supported_config(name: str) -> None:
+    scheme = detect_quant_scheme(_load(name))
+    expected = EXPECTED[name]
+    for field in QuantScheme.model_fields:
+        assert getattr(scheme, field) == getattr(expected, field), field
+
+
+def test_fixture_list_is_complete() -> None:
+    on_disk = {p.name for p in CONFIGS.glob("*.json")}
+    assert on_disk == set(EXPECTED) | set(BAD)
+
+
+def test_accepts_file_path_and_model_directory(tmp_path: Path) -> None:
+    src = CONFIGS / "hf_fp8_block_qwen3_8b.json"
+    expected = EXPECTED[src.name]
+    assert detect_quant_scheme(src) == expected
+    assert detect_quant_scheme(str(src)) == expected
+    shutil.copy(src, tmp_path / "config.json")
+    assert detect_quant_scheme(tmp_path) == expected
+    with pytest.raises(FileNotFoundError, match="no HF config"):
+        detect_quant_scheme(tmp_path / "missing")
+
+
+def test_reads_nested_text_config_and_legacy_compression_config() -> None:
+    qcfg = _load("ct_fp8_dynamic_channel_llama31.json")["quantization_config"]
+    expected = EXPECTED["ct_fp8_dynamic_channel_llama31.json"]
+    assert detect_quant_scheme({"text_config": {"quantization_config": qcfg}}) == expected
+    assert detect_quant_scheme({"compression_config": qcfg}) == expected
+
+
+def test_scheme_survives_the_wire_as_json() -> None:
+    for scheme in EXPECTED.values():
+        assert QuantScheme.model_validate_json(scheme.model_dump_json()) == scheme
+
+
+BAD: dict[str, str] = {
+    "bad_awq.json": "quant_method 'awq' is not supported",
+    "bad_gptq.json": "quant_method 'gptq' is not supported",
+    "bad_ct_w4a16_int4.json": "type='int' num_bits=4",
+    "bad_ct_unknown_strategy.json": "weights.strategy 'token'",
+    "bad_ct_mixed_groups.json": (
+        "'attention' and 'mlp' quantize differently (kind: 'fp8_channel' vs 'fp8_block'"
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_unsupported_configs_raise_with_a_clear_message(name: str) -> None:
+    with pytest.raises(UnsupportedQuantization) as info:
+        detect_quant_scheme(_load(name))
+    message = str(info.value)
+    assert BAD[name] in message
+    assert "Supported:" in message and "compressed-tensors" in message and "fbgemm_fp8" in message
+    assert isinstance(info.value, ValueError)
+
+
+def _with_qcfg(name: str, **changes: Any) -> dict[str, Any]:
+    config = _load(name)
+    config["quantization_config"].update(changes)
+    return config
+
+
+def _with_ct_weights(**changes: Any) -> dict[str, Any]:
+    config = _load("ct_fp8_dynamic_channel_llama31.json")
+    config["quantization_config"]["config_groups"]["group_0"]["weights"].update(changes)
+    return config
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (_with_qcfg("hf_fp8_block_qwen3_8b.json", activation_scheme="static"), "activation_scheme 'static'"),
+        (_with_qcfg("hf_fp8_block_qwen3_8b.json", weight_block_size=[128]), "weight_block_size"),
+        (_with_qcfg("hf_fp8_block_deepseek_v3.json", fmt="e5m2"), "fmt 'e5m2'"),
+        (_with_qcfg("hf_fp8_tensor_dynamic.json", activation_scheme="weird"), "activation_scheme 'weird'"),
+        (_with_ct_weights(type="int"), "type='int' num_bits=8"),
+        (_with_ct_weights(num_bits=4), "type='float' num_bits=4"),
+        (_with_ct_weights(strategy="tensor_group"), "strategy 'tensor_group'"),
+        (_with_ct_weights(strategy="block", block_structure=None), "block_structure None"),
+        (_with_ct_weights(symmetric=False), "symmetric and static"),
+        (_with_qcfg("ct_fp8_static_tensor_kv_llama31.json", format="nvfp4-pack-quantized"), "format"),
+        (_with_qcfg("ct_fp8_dynamic_channel_llama31.json", config_groups={}), "without config_groups"),
+        ({"quantization_config": {"quant_method": "bitsandbytes"}}, "'bitsandbytes'"),
+        ({"quantization_config": {"quant_method": "mxfp4"}}, "'mxfp4'"),
+    ],
+)
+def test_unsupported_fields_name_the_field(config: dict[str, Any], message: str) -> None:
+    with pytest.raises(UnsupportedQuantization, match="Supported:") as info:
+        detect_quant_scheme(config)
+    assert message in str(info.value)
+
+
+def test_hf_fp8_prefers_ignored_layers_over_modules_to_not_convert() -> None:
+    config = _with_qcfg("hf_fp8_tensor_dynamic.json", ignored_layers=["model.layers.3.mlp.down_proj"])
+    assert detect_quant_scheme(config).ignore == ("model.layers.3.mlp.down_proj",)
+
+
+# --- the fixtures are real: vLLM's own config classes parse every supported one -------------------
+
+
+@pytest.mark.parametrize("name", sorted(n for n, s in EXPECTED.items() if s.quantized))
+def test_vllm_parses_the_supported_fixtures(name: str) -> None:
+    from vllm.model_executor.layers.quantization import get_quantization_config
+
+    qcfg = _load(name)["quantization_config"]
+    parsed = get_quantization_config(qcfg["quant_method"]).from_config(qcfg)
+    scheme = EXPECTED[name]
+    if scheme.source == "fp8":
+        assert parsed.weight_block_size == (list(scheme.block_size) if scheme.block_size else None)
+        assert parsed.activation_scheme == scheme.activation
+        assert tuple(parsed.ignored_layers) == scheme.ignore
+    elif scheme.source == "fbgemm_fp8":
+        assert tuple(parsed.ignore_list) == scheme.ignore
+    else:
+        assert tuple(parsed.ignore) == scheme.ignore
+        assert parsed.kv_cache_scheme == scheme.kv_cache_scheme
+
+
+# --- is_ignored agrees with vLLM's is_layer_skipped / should_ignore_layer -------------------------
+
+LAYER_NAMES = [
+    f"model.layers.{i}.{m}"
+    for i in (0, 1, 3, 35, 125)
+    for m in (
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+        "mlp.gate",
+    )
+] + ["lm_head", "model.layers.1.mlp.gate_proj_extra"]
+
+
+def _vllm_name(hf_name: str) -> str:
+    leaf = hf_name.rsplit(".", 1)[-1]
+    for fused, shards in FUSED.items():
+        if leaf in shards:
+            return hf_name[: -len(leaf)] + fused
+    return hf_name
+
+
+def _vllm_decision(scheme: QuantScheme, vllm_name: str) -> bool:
+    from vllm.model_executor.layers.quantization.compressed_tensors.utils import should_ignore_layer
+    from vllm.model_executor.layers.quantization.utils.quant_utils import is_layer_skipped
+
+    if scheme.source == "compressed-tensors":
+        return should_ignore_layer(vllm_name, ignore=list(scheme.ignore), fused_mapping=FUSED)
+    return is_layer_skipped(vllm_name, list(scheme.ignore), FUSED)
+
+
+@pytest.mark.parametrize("name", sorted(n for n, s in EXPECTED.items() if s.ignore))
+def test_is_ignored_matches_vllm_for_every_layer(name: str) -> None:
+    scheme = EXPECTED[name]
+    for hf_name in LAYER_NAMES:
+        expected = _vllm_decision(scheme, _vllm_name(hf_name))
+        assert scheme.is_ignored(hf_name) == expected, hf_name
+        assert scheme.is_ignored(_vllm_name(hf_name)) == expected, hf_name
+
+
+def test_is_ignored_follows_the_fused_module() -> None:
+    hf = QuantScheme(kind="fp8_tensor", source="fp8", ignore=("model.layers.2.self_attn.qkv_proj", "lm_head"))
+    assert hf.is_ignored("model.layers.2.self_attn.k_proj")
+    assert not hf.is_ignored("model.layers.2.self_attn.o_proj")
+    assert not hf.is_ignored("model.layers.20.self_attn.k_proj")
+    # no substring/suffix matching: vLLM's is_layer_skipped compares whole names
+    assert not QuantScheme(kind="fp8_tensor", source="fp8", ignore=("self_attn",)).is_ignored(
+        "model.layers.0.self_attn.o_proj"
+    )
+    ct = QuantScheme(kind="fp8_channel", source="compressed-tensors", ignore=("re:.*\\.q_proj$",))
+    with pytest.raises(ValueError, match="only some shards of fused module"):
+        ct.is_ignored("model.layers.0.self_attn.k_proj")
+    # compressed-tensors regexes are re.match: anchored at the start, not at the end
+    assert QuantScheme(
+        kind="fp8_channel", source="compressed-tensors", ignore=("re:model.layers.1.",)
+    ).is_ignored("model.layers.1.self_attn.o_proj")
+
+
+def test_is_ignored_routed_experts_follow_the_moe_layer() -> None:
+    from vllm.model_executor.layers.quantization.utils.quant_utils import is_layer_skipped
+
+    scheme = QuantScheme(
+        kind="fp8_block",
+        block_size=(128, 128),
+        source="fp8",
+        ignore=("model.layers.1.mlp.experts.0.down_proj", "model.layers.2.mlp.shared_experts.down_proj"),
+    )
+    for layer, expected_moe in ((1, True), (2, False), (3, False)):
+        moe_prefix = f"model.layers.{layer}.mlp.experts"
+        assert is_layer_skipped(moe_prefix, list(scheme.ignore), FUSED) is expected_moe
+        for expert in (0, 7):
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                assert scheme.is_ignored(f"{moe_prefix}.{expert}.{proj}") is expected_moe
+    shared = "model.layers.2.mlp.shared_experts.down_proj"
+    assert scheme.is_ignored(shared) is is_layer_skipped(shared, list(scheme.ignore), FUSED) is True

@@ -1,0 +1,283 @@
+"""`WeightBroadcaster`: what an RL trainer calls after each step to push its weights to vLLM servers.
+
+detect (once) → join the group with every server (`init`) → per step: plan the stream from metadata,
+arm `/update_weights` on every server, walk the model one layer at a time, quantize, hand the tensors to
+the broadcaster's sender, collect every server's answer → `PushReport`. On an FSDP trainer every rank
+calls `push` (the layer gathers are collectives); only global rank 0 sends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from broadcaster.errors import BroadcastError
+from broadcaster.framing import make_header
+from broadcaster.group import Group
+from broadcaster.report import SyncReport
+from broadcaster.sender import Sender
+from broadcaster.timeouts import Timeouts
+from configs.api import (
+    InitBroadcasterRequest,
+    InitBroadcasterResponse,
+    UpdateWeightsRequest,
+    UpdateWeightsResponse,
+)
+from configs.quant import QuantScheme
+from configs.trainer import BroadcasterConfig
+from rpc.client import AsyncServerClient
+from trainer_side.detect import detect_quant_scheme
+from trainer_side.names import NameMap
+from trainer_side.walker import iter_layer_chunks, plan_stream
+
+T = TypeVar("T")
+
+
+@dataclass
+class PushReport:
+    """One push, as the trainer saw it. Seconds per phase; `servers` are the servers' own answers."""
+
+    sync_id: str
+    weights_version: int
+    tensors: int = 0
+    bytes_sent: int = 0
+    plan_s: float = 0.0
+    quantize_s: float = 0.0
+    send_s: float = 0.0
+    commit_s: float = 0.0
+    total_s: float = 0.0
+    wire: SyncReport | None = None
+    servers: dict[str, UpdateWeightsResponse] = field(default_factory=dict)
+
+    @property
+    def gbytes_per_s(self) -> float:
+        return self.bytes_sent / self.total_s / 1e9 if self.total_s > 0 else 0.0
+
+    def summary(self) -> str:
+        return (
+            f"sync {self.sync_id} v{self.weights_version}: {self.tensors} tensors, "
+            f"{self.bytes_sent / 1e6:.1f} MB in {self.total_s * 1e3:.0f} ms "
+            f"(plan {self.plan_s * 1e3:.0f}, quantize {self.quantize_s * 1e3:.0f}, "
+            f"send {self.send_s * 1e3:.0f}, commit {self.commit_s * 1e3:.0f} ms; "
+            f"{self.gbytes_per_s:.2f} GB/s)"
+        )
+
+
+class PushError(RuntimeError):
+    """A push failed; `server_errors` maps each failing server URL to its reason."""
+
+    def __init__(self, message: str, server_errors: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.server_errors = server_errors or {}
+
+
+def _run_async(fn: Callable[[], Awaitable[T]]) -> T:
+    return asyncio.run(fn())  # type: ignore[arg-type]
+
+
+class _Background:
+    """Runs a coroutine factory in a thread (HTTP fan-out while this thread drives the collective)."""
+
+    def __init__(self, fn: Callable[[], Awaitable[Any]]) -> None:
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable[[], Awaitable[Any]]) -> None:
+        try:
+            self.result = _run_async(fn)
+        except BaseException as exc:
+            self.error = exc
+
+    def join(self, timeout_s: float) -> Any:
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            raise TimeoutError(f"servers did not answer within {timeout_s:.0f} s")
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+def _is_sender() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+class WeightBroadcaster:
+    """Construct from a `BroadcasterConfig`, `init()` once, `push(model, version)` per step, `close()`."""
+
+    def __init__(self, config: BroadcasterConfig, name_map: NameMap | None = None) -> None:
+        self.config = config
+        self.scheme: QuantScheme = detect_quant_scheme(config.inference_config)
+        self.name_map = name_map
+        self.group: Group | None = None
+        self.init_responses: dict[str, InitBroadcasterResponse] = {}
+        self._dtype = getattr(torch, config.send_dtype) if config.send_dtype else None
+
+    # ------------------------------------------------------------------ init
+
+    def _clients(self) -> list[AsyncServerClient]:
+        c = self.config
+        return [AsyncServerClient(url, c.token, c.http_timeout_s) for url in c.servers]
+
+    async def _workers_per_server(self) -> list[int]:
+        clients = self._clients()
+        try:
+            statuses = await asyncio.gather(*(cl.weights() for cl in clients))
+        finally:
+            await asyncio.gather(*(cl.aclose() for cl in clients))
+        return [s.num_workers or 1 for s in statuses]
+
+    def init(self) -> dict[str, InitBroadcasterResponse]:
+        """Join every server to a fresh group (a rendezvous: all servers are called concurrently)."""
+        if not _is_sender():
+            return {}
+        self.close()
+        c = self.config
+        sizes = _run_async(self._workers_per_server)
+        offsets = [1 + sum(sizes[:i]) for i in range(len(sizes))]
+        world = 1 + sum(sizes)
+        requests = [
+            InitBroadcasterRequest(
+                master_address=c.master_address,
+                master_port=c.master_port,
+                world_size=world,
+                rank_offset=off,
+                scheme=self.scheme,
+                load_path=c.load_path,
+                backend=c.backend,
+                rendezvous_timeout_s=c.rendezvous_timeout_s,
+                step_timeout_s=c.step_timeout_s,
+                checksum=c.checksum,
+            )
+            for off in offsets
+        ]
+
+        async def call_all() -> list[InitBroadcasterResponse | BaseException]:
+            clients = self._clients()
+            try:
+                return await asyncio.gather(
+                    *(cl.init_broadcaster(r) for cl, r in zip(clients, requests, strict=True)),
+                    return_exceptions=True,
+                )
+            finally:
+                await asyncio.gather(*(cl.aclose() for cl in clients))
+
+        http = _Background(call_all)
+        backend = c.backend if c.backend != "auto" else ("nccl" if torch.cuda.is_available() else "gloo")
+        group_error: BaseException | None = None
+        try:
+            self.group = Group(
+                c.master_address,
+                c.master_port,
+                world,
+                0,
+                backend=backend,
+                who="trainer",
+                timeout_s=c.rendezvous_timeout_s,
+            )
+        except BroadcastError as exc:
+            group_error = exc
+        results = http.join(c.rendezvous_timeout_s + c.http_timeout_s + 60)
+        errors = {
+            url: str(r) for url, r in zip(c.servers, results, strict=True) if isinstance(r, BaseException)
+        }
+        if errors or group_error:
+            self.close()
+            detail = "; ".join(f"{u}: {e}" for u, e in errors.items())
+            raise PushError(f"init failed: {group_error or ''} {detail}".strip(), errors)
+        self.init_responses = dict(zip(c.servers, results, strict=True))  # type: ignore[arg-type]
+        return self.init_responses
+
+    # ------------------------------------------------------------------ push
+
+    def _timed_stream(self, model: nn.Module, report: PushReport) -> Iterator[tuple[str, torch.Tensor]]:
+        chunks = iter_layer_chunks(model, self.scheme, self.name_map, dtype=self._dtype)
+        while True:
+            t0 = time.perf_counter()
+            chunk = next(chunks, None)
+            report.quantize_s += time.perf_counter() - t0
+            if chunk is None:
+                return
+            yield from chunk.tensors
+
+    def push(self, model: nn.Module, version: int, sync_id: str | None = None) -> PushReport:
+        """Send `model`'s weights as `version` to every server; returns when all servers answered."""
+        started = time.perf_counter()
+        sync_id = sync_id or f"v{version}-{uuid.uuid4().hex[:8]}"
+        report = PushReport(sync_id=sync_id, weights_version=version)
+        if not _is_sender():
+            for _ in iter_layer_chunks(model, self.scheme, self.name_map, dtype=self._dtype):
+                pass
+            return report
+        if self.group is None or self.group.broken:
+            self.init()
+        assert self.group is not None
+        c = self.config
+        t0 = time.perf_counter()
+        specs = plan_stream(model, self.scheme, self.name_map, dtype=self._dtype)
+        header = make_header(
+            specs,
+            sync_id=sync_id,
+            weights_version=version,
+            scheme=self.scheme,
+            bucket_size=c.bucket_bytes,
+            checksum=c.checksum,
+        )
+        report.plan_s = time.perf_counter() - t0
+        req = UpdateWeightsRequest(sync_id=sync_id, weights_version=version, timeout_s=c.sync_timeout_s)
+
+        async def arm_all() -> list[UpdateWeightsResponse | BaseException]:
+            clients = self._clients()
+            try:
+                return await asyncio.gather(
+                    *(cl.update_weights(req) for cl in clients), return_exceptions=True
+                )
+            finally:
+                await asyncio.gather(*(cl.aclose() for cl in clients))
+
+        http = _Background(arm_all)
+        sender = Sender(
+            self.group,
+            timeouts=Timeouts(
+                header_s=c.step_timeout_s,
+                vote_s=c.step_timeout_s,
+                bucket_s=c.step_timeout_s,
+                commit_s=c.step_timeout_s,
+            ),
+        )
+        wire_error: BaseException | None = None
+        try:
+            report.wire = sender.send(header, self._timed_stream(model, report))
+        except BroadcastError as exc:
+            wire_error = exc
+        results = http.join(c.sync_timeout_s + 60)
+        errors = {
+            url: str(r) for url, r in zip(c.servers, results, strict=True) if isinstance(r, BaseException)
+        }
+        report.servers = {
+            url: r for url, r in zip(c.servers, results, strict=True) if isinstance(r, UpdateWeightsResponse)
+        }
+        report.total_s = time.perf_counter() - started
+        if wire_error or errors:
+            detail = "; ".join(f"{u}: {e}" for u, e in errors.items())
+            raise PushError(f"sync {sync_id} failed: {wire_error or ''} {detail}".strip(), errors)
+        wire = report.wire
+        assert wire is not None
+        report.tensors, report.bytes_sent = wire.tensors, wire.payload_bytes
+        report.send_s, report.commit_s = wire.transfer_s - report.quantize_s, wire.commit_s
+        return report
+
+    def close(self) -> None:
+        if self.group is not None:
+            self.group.close()
+            self.group = None

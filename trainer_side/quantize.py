@@ -1,0 +1,193 @@
+"""Quantize one linear weight into exactly the tensors an FP8 checkpoint of a `QuantScheme` stores.
+
+Each (kind, source) pair reproduces, bit for bit, the installed reference that writes (or, in vLLM,
+online-quantizes) that checkpoint format:
+
+- `fp8_block`, HF `fp8`: `vllm.utils.deep_gemm.per_block_cast_to_fp8` (what vLLM's online block
+  quantizer calls): zero-pad to whole blocks, amax in fp32 clamped to >= 1e-4, `sf = amax / 448`
+  (optionally rounded up to a power of two for `ue8m0_scale`), `q = (x * (1 / sf)).to(fp8)` with no
+  clamp; `weight_scale_inv` is `sf` (the dequant multiplier, despite the name), float32.
+- compressed-tensors (`block`, `channel`, `tensor`): `calculate_qparams` + `quantize` as the
+  float-quantized compressor calls them: `s = amax / 448`, `s == 0 -> finfo(float32).eps`,
+  `q = clamp(x / s + zero_point, -448, 448).to(fp8)`. Statistics are taken in float32, so `s` is
+  float32; llm-compressor observes in the weight dtype and would store bf16 scales for a bf16 model.
+- `fp8_channel`, `fbgemm_fp8` and `fp8_tensor`, HF `fp8`: vLLM's `scaled_fp8_quant` (dynamic
+  per-token / per-tensor, as `QuantFP8.forward_native` spells it in torch): `s = max(amax / 448,
+  1 / (448 * 512))`, `q = clamp(x.float() * s.reciprocal(), -448, 448).to(fp8)`.
+
+Weights holding inf or NaN raise `ValueError` instead of producing a garbage checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from configs.quant import QuantScheme
+from trainer_side.detect import UnsupportedQuantization
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448.0
+SCALE_DTYPE = torch.float32
+_BLOCK_AMAX_FLOOR = 1e-4  # per_block_cast_to_fp8's clamp
+_VLLM_MIN_SCALE = 1.0 / (FP8_MAX * 512.0)  # input_quant_fp8._FP8_MIN_SCALING_FACTOR
+_CT_ZERO_SCALE = torch.finfo(SCALE_DTYPE).eps  # compressed_tensors _get_dtype_eps(float32)
+_INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+Core = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _pad_to_blocks(x: torch.Tensor, b0: int, b1: int) -> torch.Tensor:
+    rows, cols = x.shape
+    pad_rows, pad_cols = -rows % b0, -cols % b1
+    return F.pad(x, (0, pad_cols, 0, pad_rows)) if pad_rows or pad_cols else x.contiguous()
+
+
+def _vllm_block(x: torch.Tensor, b0: int, b1: int, ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, cols = x.shape
+    padded = _pad_to_blocks(x, b0, b1)
+    blocks = padded.view(padded.shape[0] // b0, b0, padded.shape[1] // b1, b1)
+    amax = blocks.abs().float().amax(dim=(1, 3), keepdim=True).clamp(_BLOCK_AMAX_FLOOR)
+    sf = amax / FP8_MAX
+    if ue8m0:
+        sf = torch.pow(2.0, torch.ceil(torch.log2(sf.abs())))
+    q = (blocks * (1.0 / sf)).to(FP8_DTYPE)
+    return q.view_as(padded)[:rows, :cols].contiguous(), sf.view(blocks.shape[0], blocks.shape[2])
+
+
+def _ct_cast(x: torch.Tensor, amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = amax / FP8_MAX
+    scale = torch.where(scale == 0, torch.full_like(scale, _CT_ZERO_SCALE), scale)
+    scaled = x / scale
+    # compressed-tensors adds its all-zero zero_point: -0.0 becomes +0.0, nothing else changes.
+    scaled = torch.where(scaled == 0, torch.zeros_like(scaled), scaled)
+    return scaled.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+
+
+def _ct_block(x: torch.Tensor, b0: int, b1: int) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, cols = x.shape
+    padded = _pad_to_blocks(x, b0, b1)
+    blocks = padded.view(padded.shape[0] // b0, b0, padded.shape[1] // b1, b1)
+    q, scale = _ct_cast(blocks, blocks.abs().float().amax(dim=(1, 3), keepdim=True))
+    return q.view_as(padded)[:rows, :cols].contiguous(), scale.view(blocks.shape[0], blocks.shape[2])
+
+
+def _ct_channel(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _ct_cast(x, x.abs().float().amax(dim=1, keepdim=True))
+
+
+def _ct_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    q, scale = _ct_cast(x, x.abs().float().amax().reshape(1, 1))
+    return q, scale.reshape(1)
+
+
+def _vllm_cast(x: torch.Tensor, amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = (amax / FP8_MAX).clamp(min=_VLLM_MIN_SCALE)
+    q = (x.to(torch.float32) * scale.reciprocal()).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q, scale
+
+
+def _vllm_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _vllm_cast(x, x.abs().amax(dim=1, keepdim=True).to(torch.float32))
+
+
+def _vllm_per_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    q, scale = _vllm_cast(x, x.abs().max().reshape(1, 1).to(torch.float32))
+    return q, scale.reshape(())
+
+
+def _core(scheme: QuantScheme) -> Core:
+    if scheme.kind == "fp8_block":
+        assert scheme.block_size is not None
+        b0, b1 = scheme.block_size
+        if scheme.source == "compressed-tensors":
+            return partial(_ct_block, b0=b0, b1=b1)
+        return partial(_vllm_block, b0=b0, b1=b1, ue8m0=scheme.ue8m0_scale)
+    if scheme.kind == "fp8_channel":
+        return _ct_channel if scheme.source == "compressed-tensors" else _vllm_per_token
+    if scheme.kind == "fp8_tensor":
+        if scheme.source == "compressed-tensors":
+            return _ct_tensor
+        return _vllm_per_tensor
+    raise UnsupportedQuantization(f"quantizing weights to {scheme.kind!r} is not implemented")
+
+
+_COMPILED: dict[tuple[object, ...], Core] = {}
+
+
+def _compiled(core: Core) -> Core:
+    fn, kwargs = (core.func, core.keywords) if isinstance(core, partial) else (core, {})
+    key = (fn, *sorted(kwargs.items()))
+    if key not in _COMPILED:
+
+        def run(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return fn(x, **kwargs)
+
+        # dynamic=True as vLLM compiles per_block_cast_to_fp8: one graph serves every weight shape;
+        # the block size stays a constant of the graph.
+        _COMPILED[key] = torch.compile(run, dynamic=True)
+    return _COMPILED[key]
+
+
+def _scale_shape(rows: int, cols: int, scheme: QuantScheme) -> tuple[int, ...]:
+    if scheme.kind == "fp8_block":
+        assert scheme.block_size is not None
+        return (math.ceil(rows / scheme.block_size[0]), math.ceil(cols / scheme.block_size[1]))
+    if scheme.kind == "fp8_channel":
+        return (rows, 1)
+    if scheme.kind == "fp8_tensor":
+        return () if scheme.scale_shape == "scalar" else (1,)
+    raise UnsupportedQuantization(f"quantizing weights to {scheme.kind!r} is not implemented")
+
+
+def _check_input(shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    if len(shape) != 2 or min(shape) <= 0:
+        raise ValueError(f"a linear weight must be a non-empty 2-D tensor, got shape {tuple(shape)}")
+    if dtype not in _INPUT_DTYPES:
+        raise ValueError(f"can only quantize {[str(d) for d in _INPUT_DTYPES]} weights, got {dtype}")
+
+
+def quantized_specs(
+    shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, scheme: QuantScheme
+) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """Suffix -> (dtype, shape) of what `quantize_weight` returns for such a weight; reads no data."""
+    shape = tuple(shape)
+    if not scheme.quantized:
+        return {"weight": (dtype, shape)}
+    _check_input(shape, dtype)
+    return {
+        "weight": (FP8_DTYPE, shape),
+        scheme.weight_scale_name: (SCALE_DTYPE, _scale_shape(shape[0], shape[1], scheme)),
+    }
+
+
+def quantize_weight(
+    weight: torch.Tensor,
+    scheme: QuantScheme,
+    *,
+    compiled: bool | None = None,
+    check_finite: bool = True,
+) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors of one linear weight (out, in) under `scheme`, keyed by suffix.
+
+    `{"weight": fp8 (out, in), scheme.weight_scale_name: float32 scale}`; an unquantized scheme
+    returns the weight itself. `compiled` runs the math through `torch.compile` (default: on CUDA);
+    both paths give the same bits. `check_finite` raises `ValueError` on inf/NaN weights (found via
+    the scales, which any non-finite value poisons; costs one host sync).
+    """
+    if not scheme.quantized:
+        return {"weight": weight}
+    _check_input(tuple(weight.shape), weight.dtype)
+    core = _core(scheme)
+    if compiled if compiled is not None else weight.is_cuda:
+        core = _compiled(core)
+    q, scale = core(weight)
+    if check_finite and not bool(torch.isfinite(scale).all()):
+        raise ValueError(
+            f"weight of shape {tuple(weight.shape)} holds inf or NaN; refusing to quantize it to FP8"
+        )
+    return {"weight": q, scheme.weight_scale_name: scale}
