@@ -35,6 +35,7 @@ _ERROR_KEY = "rdzv/error"
 _ABORT_KEY = "abort"
 _PEER_CHECK_EVERY_S = 0.25
 _MAX_POLL_SLEEP_S = 1e-3
+_LATE_JOIN_GRACE_S = 2.0  # rank 0 keeps a failed rendezvous readable this long for ranks still starting
 # Gloo's abort() does not unblock an op that is already running, and destroying the backend joins its
 # worker threads; parked backends keep such a destructor off the caller's path.
 _PARKED: list[object] = []
@@ -75,7 +76,12 @@ def _find_problem(members: list[dict[str, object]], where: str) -> str | None:
 
 
 class Group:
-    """One generation of the trainer→inference group. Construction is the rendezvous; see module doc."""
+    """One generation of the trainer→inference group. Construction is the rendezvous; see module doc.
+
+    `timeout_s` bounds the whole rendezvous (store connect, all ranks joining, backend warm-up).
+    `op_timeout_s` is the backend's own op timeout (Gloo's, NCCL's watchdog); keep it above every
+    deadline in `Timeouts` (a receiver idling for a header included), since our deadlines must fire first.
+    """
 
     def __init__(
         self,
@@ -100,7 +106,10 @@ class Group:
         self.who = who or ("trainer" if rank == 0 else f"inference pid {os.getpid()}")
         self.generation = generation
         self.where = f"{host}:{port} (generation {generation})"
-        self.device = torch.device("cpu") if backend == "gloo" else (device or torch.device("cuda"))
+        if backend == "gloo":
+            self.device = torch.device("cpu")
+        else:
+            self.device = device or torch.device("cuda", torch.cuda.current_device())
         self._broken: str | None = None
         self._seq = 0
         self._server: dist.TCPStore | None = None
@@ -180,14 +189,26 @@ class Group:
             message = self.store.compare_set(_ERROR_KEY, "", message).decode()
             self.store.add(_ACKS_KEY, 1)
             if self.rank == 0:
-                # Keep hosting the store until every rank we know of has read the verdict.
-                expected = max([self.world_size, *(int(str(m["world_size"])) for m in members)])
-                linger_until = time.monotonic() + 5.0
-                while self.store.add(_ACKS_KEY, 0) < expected and time.monotonic() < linger_until:
-                    time.sleep(0.01)
+                self._linger_for_readers(members)
         except Exception:
             pass  # the store is gone: the message we have is the best we can say
         raise RendezvousError(message)
+
+    def _linger_for_readers(self, members: list[dict[str, object]]) -> None:
+        """Rank 0 keeps hosting the store until every joined rank has read the verdict, giving ranks not
+        yet joined (fewer than any claimed world size) a short grace to join and read it too."""
+        expected = max([self.world_size, *(int(str(m["world_size"])) for m in members)])
+        give_up = time.monotonic() + 5.0
+        quiet_since: float | None = None
+        while (now := time.monotonic()) < give_up:
+            joined = len(self.store.get(_MEMBERS_KEY).decode().splitlines())
+            if self.store.add(_ACKS_KEY, 0) < joined:
+                quiet_since = None
+            elif joined >= expected or (quiet_since is not None and now - quiet_since > _LATE_JOIN_GRACE_S):
+                return
+            else:
+                quiet_since = quiet_since or now
+            time.sleep(0.01)
 
     def _create_backend(self, deadline: float, op_timeout_s: float) -> None:
         pg_store = dist.PrefixStore("pg/", self.store)

@@ -62,8 +62,8 @@ class VllmSyncBackend:
     def _set(self, **changes: Any) -> None:
         self._status = self._status.model_copy(update=changes)
 
-    async def _rpc(self, method: str, timeout_s: float | None, **kwargs: Any) -> list[dict[str, Any]]:
-        return list(await self._engine.collective_rpc(method, timeout=timeout_s, kwargs=kwargs))
+    async def _rpc(self, method: str, rpc_timeout_s: float | None, **kwargs: Any) -> list[dict[str, Any]]:
+        return list(await self._engine.collective_rpc(method, timeout=rpc_timeout_s, kwargs=kwargs))
 
     async def init_broadcaster(self, req: InitBroadcasterRequest) -> InitBroadcasterResponse:
         if self._status.state == "syncing":
@@ -114,6 +114,8 @@ class VllmSyncBackend:
             state = "torn" if torn or prev == "torn" else "ready"
             self._set(state=state, last_error=str(failed[0].get("error")), last_sync_id=req.sync_id)
             _raise_first_error(results, f"sync {req.sync_id}")
+        # KV blocks computed with the old weights must not be reused by prefix caching.
+        await self._engine.reset_prefix_cache()
         timings = SyncTimings(
             **{k: max(float(r["timings"].get(k, 0.0)) for r in results) for k in SyncTimings.model_fields}
         )

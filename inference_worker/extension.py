@@ -83,7 +83,9 @@ class LayercastWorkerExtension:
         """The runtime layout ``[[name, dtype, shape], ...]`` the trainer must produce for the kernel path."""
         return [[n, d, list(s)] for n, d, s in load_paths.runtime_manifest(self._layercast_model())]
 
-    def layercast_choose_path(self, requested: str = "auto", manifest: list[list[Any]] | None = None) -> list[str]:
+    def layercast_choose_path(
+        self, requested: str = "auto", manifest: list[list[Any]] | None = None
+    ) -> list[str]:
         """``[path, reason]`` that :meth:`_load_stream` would use."""
         chosen, reason = load_paths.choose_load_path(self._layercast_model(), requested, manifest)
         return [chosen, reason]
@@ -116,6 +118,32 @@ class LayercastWorkerExtension:
         except load_paths.LoadPathError as e:
             return {"ok": False, "error": str(e)}
         return stats | {"ok": True}
+
+    def layercast_zero_kv_cache(self) -> int:
+        """Zero the KV cache tensors; returns how many. For bit-reproducible tests: vLLM's CPU attention
+        lets stale entries of partly filled blocks change softmax rounding (~1e-7). Not needed for
+        correctness (reset the prefix cache after a load)."""
+        caches = vllm_compat.worker_kv_caches(self)
+        for t in caches:
+            t.zero_()
+        return len(caches)
+
+    def layercast_describe(self) -> dict[str, Any]:
+        """What the worker looks like to layercast (model class, load-path facts); for logs and tests."""
+        model = self._layercast_model()
+        chosen, reason = load_paths.choose_load_path(model, "auto")
+        return {
+            "vllm_version": vllm_compat.vllm_version(),
+            "model_cls": type(model).__name__,
+            "device": str(vllm_compat.worker_device(self)),
+            "model_config_cls": type(vllm_compat.worker_model_config(self)).__name__,
+            "kv_caches": len(vllm_compat.worker_kv_caches(self)),
+            "layerwise_metadata": vllm_compat.layerwise_metadata_recorded(model),
+            "layerwise_in_progress": vllm_compat.layerwise_reload_in_progress(model),
+            "opaque_modules": vllm_compat.opaque_runtime_modules(model),
+            "checkpoint_refusal": load_paths.checkpoint_path_safe(model),
+            "auto_path": [chosen, reason],
+        }
 
     def layercast_load_stats(self) -> list[dict[str, Any]]:
         """Stats of the recent loads, oldest first."""

@@ -60,7 +60,9 @@ def dtype_str(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _counting(weights: Iterable[tuple[str, torch.Tensor]], stats: LoadStats) -> Iterator[tuple[str, torch.Tensor]]:
+def _counting(
+    weights: Iterable[tuple[str, torch.Tensor]], stats: LoadStats
+) -> Iterator[tuple[str, torch.Tensor]]:
     for name, tensor in weights:
         stats.n_tensors += 1
         stats.n_bytes += tensor.numel() * tensor.element_size()
@@ -73,16 +75,12 @@ def _counting(weights: Iterable[tuple[str, torch.Tensor]], stats: LoadStats) -> 
 def runtime_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The live runtime tensors a kernel-format stream fills, by name (receive directly into these).
 
-    Parameters (tied ones once) plus persistent buffers; non-persistent buffers (rotary caches) are
-    derived, not weights.
+    Parameters only (tied ones once), as vLLM's own ``reload_weights(is_checkpoint_format=False)``.
+    Buffers are derived state and stay as they are: rotary caches and the attention KV-cache scales
+    ``_k_scale``/``_v_scale``/``_q_scale`` (1.0 unless the KV cache is FP8; an FP8 KV cache's scales
+    are re-derived only by the checkpoint/layerwise paths).
     """
-    out: dict[str, torch.Tensor] = dict(model.named_parameters())
-    for mod_name, module in model.named_modules():
-        for bname, buf in module._buffers.items():
-            if buf is None or bname in module._non_persistent_buffers_set:
-                continue
-            out.setdefault(f"{mod_name}.{bname}" if mod_name else bname, buf)
-    return out
+    return dict(model.named_parameters())
 
 
 def runtime_manifest(model: torch.nn.Module) -> list[ManifestEntry]:
@@ -116,7 +114,8 @@ def check_kernel_manifest(model: torch.nn.Module, entries: Sequence[Sequence[Any
             problems.append(f"{name}: shape {list(shape)} != runtime {list(t.shape)}")
     missing = sorted(set(live) - seen)
     if missing:
-        problems.append(f"missing {len(missing)}: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        more = " ..." if len(missing) > 5 else ""
+        problems.append(f"missing {len(missing)}: {', '.join(missing[:5])}{more}")
     if not problems:
         return None
     head = "; ".join(problems[:8])
@@ -176,7 +175,7 @@ def checkpoint_path_safe(model: torch.nn.Module) -> str | None:
             return f"{name} was created by processing (not in model format)"
         if rec != (param.dtype, tuple(param.shape)):
             return (f"{name} was transformed by processing ({dtype_str(rec[0])} {list(rec[1])} -> "
-                    f"{dtype_str(param.dtype)} {list(param.shape)}); re-running load+process is not idempotent")
+                    f"{dtype_str(param.dtype)} {list(param.shape)}); load+process again is not idempotent")
     return None
 
 

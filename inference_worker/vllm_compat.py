@@ -131,9 +131,24 @@ def worker_model_config(worker: Any) -> Any:
     return worker.model_config
 
 
+def worker_index(worker: Any) -> tuple[int, int]:
+    """``(index of this worker within its server, number of workers of the server)``, the same layout
+    vLLM's NCCL weight-transfer engine uses (``nccl_common.py``): data-parallel index major, then rank."""
+    pc = worker.parallel_config
+    return pc.data_parallel_index * pc.world_size + pc.rank, pc.data_parallel_size * pc.world_size
+
+
 def worker_device(worker: Any) -> torch.device:
     """The device the worker's weights live on (``worker.device``; CPU workers set it too)."""
     return torch.device(worker.device)
+
+
+def worker_kv_caches(worker: Any) -> list[torch.Tensor]:
+    """The worker's KV-cache tensors (``model_runner.kv_caches``, one per attention layer group)."""
+    caches = getattr(worker.model_runner, "kv_caches", None)
+    if caches is None:
+        raise RuntimeError("vLLM worker has no model_runner.kv_caches (vLLM changed?)")
+    return list(caches)
 
 
 def process_weights_after_loading(model: torch.nn.Module, model_config: Any, device: torch.device) -> None:

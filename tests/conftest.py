@@ -6,6 +6,7 @@ Each model kind gets two seeds: ``B`` (a full HF checkpoint directory engines st
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 from collections.abc import Iterator
@@ -95,10 +96,8 @@ def start_llm(model_dir: Path, **kwargs: Any) -> Any:
 
 def stop_llm(llm: Any) -> None:
     """Shut the engine down and free its memory before the next module starts one."""
-    try:
+    with contextlib.suppress(Exception):
         llm.llm_engine.engine_core.shutdown()
-    except Exception:
-        pass
     del llm
     gc.collect()
 
@@ -122,12 +121,19 @@ PROMPTS: list[list[int]] = [
 
 
 def greedy(llm: Any, n: int = 8) -> list[tuple[list[int], list[float]]]:
-    """Greedy tokens and their logprobs for :data:`PROMPTS` (prefix cache reset first)."""
+    """Greedy tokens and their logprobs for :data:`PROMPTS`, from a reset prefix cache and zeroed KV cache.
+
+    Zeroing matters for exact logprobs: vLLM's CPU attention lets stale KV entries of partly filled
+    blocks change the softmax rounding (~1e-7 differences with identical weights otherwise).
+    """
     from vllm import SamplingParams
 
-    llm.reset_prefix_cache()
     sp = SamplingParams(temperature=0.0, max_tokens=n, logprobs=0, detokenize=False)
-    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], sp, use_tqdm=False)
+    outs = []
+    for p in PROMPTS:  # one at a time: batch composition/block placement also shifts the rounding
+        llm.reset_prefix_cache()
+        llm.collective_rpc("layercast_zero_kv_cache")
+        outs += llm.generate([{"prompt_token_ids": p}], sp, use_tqdm=False)
     res = []
     for o in outs:
         c = o.outputs[0]

@@ -10,6 +10,7 @@ import contextlib
 import ctypes
 import multiprocessing as mp
 import os
+import re
 import signal
 import socket
 import time
@@ -69,7 +70,9 @@ def payload(name: str, dtype: torch.dtype, shape: tuple[int, ...], version: int 
     return torch.randint(0, 256, (n,), dtype=torch.uint8, generator=gen).view(dtype).view(shape)
 
 
-def produce(specs: list[Spec], version: int = 0, fail_at: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+def produce(
+    specs: list[Spec], version: int = 0, fail_at: int | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
     for i, (name, dtype, shape) in enumerate(specs):
         if i == fail_at:
             raise RuntimeError("quantizer exploded")
@@ -80,21 +83,36 @@ def produce(specs: list[Spec], version: int = 0, fail_at: int | None = None) -> 
         yield name, t
 
 
-def header(specs: list[Spec], sync_id: str, version: int = 0, checksum: bool = True, bucket: int = BUCKET) -> SyncHeader:
+def header(
+    specs: list[Spec], sync_id: str, version: int = 0, checksum: bool = True, bucket: int = BUCKET
+) -> SyncHeader:
     return make_header(specs, sync_id=sync_id, weights_version=version, bucket_size=bucket, checksum=checksum)
 
 
 def group(rank: int, port: int, world: int = WORLD, generation: int = 0, timeout_s: float = 15.0) -> Group:
-    return Group("127.0.0.1", port, world, rank, who=WHO.get(rank, f"rank {rank}"), timeout_s=timeout_s,
-                 generation=generation, op_timeout_s=60.0)
+    return Group(
+        "127.0.0.1",
+        port,
+        world,
+        rank,
+        who=WHO.get(rank, f"rank {rank}"),
+        timeout_s=timeout_s,
+        generation=generation,
+        op_timeout_s=60.0,
+    )
 
 
 def send(g: Group, specs: list[Spec], sync_id: str, version: int = 0, **kw: Any) -> SyncReport:
     return Sender(g, timeouts=FAST).send(header(specs, sync_id, version), produce(specs, version, **kw))
 
 
-def receive(receiver: Receiver, specs: list[Spec], version: int = 0, check: Callable[[SyncHeader], str | None] | None = None,
-            fail_on: str | None = None) -> SyncReport:
+def receive(
+    receiver: Receiver,
+    specs: list[Spec],
+    version: int = 0,
+    check: Callable[[SyncHeader], str | None] | None = None,
+    fail_on: str | None = None,
+) -> SyncReport:
     """Receive one sync and compare every tensor byte for byte with what the sender produced."""
     dtypes = {name: (dtype, shape) for name, dtype, shape in specs}
     seen: list[str] = []
@@ -102,7 +120,9 @@ def receive(receiver: Receiver, specs: list[Spec], version: int = 0, check: Call
         for name, t in sync:
             dtype, shape = dtypes[name]
             assert (t.dtype, tuple(t.shape)) == (dtype, shape), name
-            assert torch.equal(t.view(torch.uint8), payload(name, dtype, shape, version).view(torch.uint8)), name
+            assert torch.equal(t.view(torch.uint8), payload(name, dtype, shape, version).view(torch.uint8)), (
+                name
+            )
             if name == fail_on:
                 raise ValueError(f"cannot load {name}")
             seen.append(name)
@@ -152,14 +172,16 @@ def failures_then_success(rank: int, port: int) -> tuple[list[tuple[str, str]], 
     out: list[tuple[str, str]] = []
     with group(rank, port) as g:
         r = None if rank == 0 else Receiver(g, timeouts=FAST)
-        for i, (specs, fail_at, fail_on) in enumerate([(SPECS, 9, None), (wrong, None, None), (SPECS, None, "tail")]):
+        for i, (specs, fail_at) in enumerate([(SPECS, 9), (wrong, None), (SPECS, None)]):
             try:
                 if rank == 0:
-                    h = header(SPECS, f"f{i}")
-                    Sender(g, timeouts=FAST).send(h, produce(specs, fail_at=fail_at))
+                    Sender(g, timeouts=FAST).send(header(SPECS, f"f{i}"), produce(specs, fail_at=fail_at))
                 else:
                     assert r is not None
-                    receive(r, SPECS, fail_on=fail_on if rank == 3 else None)
+                    with r.begin() as sync:  # after a sender failure the rest of the stream is zeros
+                        for name, _ in sync:
+                            if rank == 3 and i == 2 and name == "tail":
+                                raise ValueError(f"cannot load {name}")
             except (SyncFailed, ValueError) as e:  # rank 3's own consumer error propagates after the vote
                 out.append(err(e))
         return out, (send(g, SPECS, "ok") if rank == 0 else receive(r, SPECS))  # type: ignore[arg-type]
@@ -182,8 +204,10 @@ def checksum_mismatch(rank: int, port: int) -> tuple[tuple[str, str], SyncReport
 
         r = Receiver(g, timeouts=FAST, bucket_hook=corrupt_on_the_wire)
         try:
-            receive(r, SPECS)
-        except (SyncFailed, AssertionError) as e:  # rank 3 also sees the flipped byte itself
+            with r.begin() as sync:  # a consumer that trusts the wire: only the checksum can notice
+                for _ in sync:
+                    pass
+        except SyncFailed as e:
             caught = err(e)
         return caught, receive(r, SPECS)
 
@@ -223,7 +247,9 @@ def sender_retry(rank: int, port: int) -> SyncReport:
         return send(g, SPECS, "retry")
 
 
-def receivers_survive_dead_sender(rank: int, port: int, bucket_s: float) -> tuple[tuple[str, str], float, SyncReport]:
+def receivers_survive_dead_sender(
+    rank: int, port: int, bucket_s: float
+) -> tuple[tuple[str, str], float, SyncReport]:
     g = group(rank, port)
     start = time.monotonic()
     try:
@@ -256,7 +282,11 @@ def sender_times_out_then_all_retry(rank: int, port: int) -> tuple[tuple[str, st
         caught, took = err(e), time.monotonic() - start
     g.close()
     with group(rank, port, generation=1) as g2:
-        return caught, took, (send(g2, SPECS, "after") if rank == 0 else receive(Receiver(g2, timeouts=FAST), SPECS))
+        return (
+            caught,
+            took,
+            (send(g2, SPECS, "after") if rank == 0 else receive(Receiver(g2, timeouts=FAST), SPECS)),
+        )
 
 
 def _reset_peak_rss() -> int:
@@ -316,11 +346,23 @@ def _serve(conn: Connection, rank: int) -> None:
 
 class Cluster:
     def __init__(self, n: int) -> None:
-        self.ctx = mp.get_context("spawn")
+        # Workers fork from a server that imported torch once: 4 cold `import torch` on 2 cores take ~13 s.
+        self.ctx = mp.get_context("forkserver")
+        self.ctx.set_forkserver_preload(["torch", "broadcaster.sender", "broadcaster.receiver"])
         self.procs: list[Any] = [None] * n
         self.conns: list[Connection] = [None] * n  # type: ignore[list-item]
-        for rank in range(n):
-            self.spawn(rank)
+        # Quiet c10d's C++ warnings about the stores the failure scenarios kill on purpose; the fork
+        # server (started by the first spawn) keeps this environment, pytest's own is restored.
+        saved = os.environ.get("TORCH_CPP_LOG_LEVEL")
+        os.environ["TORCH_CPP_LOG_LEVEL"] = "ERROR"
+        try:
+            for rank in range(n):
+                self.spawn(rank)
+        finally:
+            if saved is None:
+                del os.environ["TORCH_CPP_LOG_LEVEL"]
+            else:
+                os.environ["TORCH_CPP_LOG_LEVEL"] = saved
 
     def spawn(self, rank: int) -> None:
         parent, child = self.ctx.Pipe()
@@ -349,7 +391,9 @@ class Cluster:
             self.procs[rank].join(5)
             return "ok", ("died", self.procs[rank].exitcode)
 
-    def run(self, fn: Callable[..., Any], ranks: range | list[int] = range(WORLD), **kwargs: Any) -> list[Any]:
+    def run(
+        self, fn: Callable[..., Any], ranks: range | list[int] = range(WORLD), **kwargs: Any
+    ) -> list[Any]:
         """Run `fn` on `ranks`; every answer is read (so none is left for a later test) before judging."""
         for rank in ranks:
             self.submit(rank, fn, **kwargs)
@@ -391,7 +435,11 @@ def test_stream_of_mixed_tensors_arrives_bit_exact(cluster: Cluster) -> None:
     assert sent.buckets >= 8 and sent.tensors == len(SPECS) and sent.peak_buffer_bytes == 2 * BUCKET
     for rank_reports in reports[1:]:
         for rep in rank_reports:
-            assert (rep.role, rep.payload_bytes, rep.buckets) == ("receiver", sent.payload_bytes, sent.buckets)
+            assert (rep.role, rep.payload_bytes, rep.buckets) == (
+                "receiver",
+                sent.payload_bytes,
+                sent.buckets,
+            )
             biggest = 300 * 257 * 4
             assert rep.peak_buffer_bytes == 2 * BUCKET + biggest
 
@@ -407,22 +455,24 @@ def test_one_refusal_refuses_everywhere_and_the_group_stays_usable(cluster: Clus
 def test_failures_mid_stream_are_voted_and_the_next_sync_works(cluster: Cluster) -> None:
     results = cluster.run(failures_then_success, port=free_port())
     for rank, (failures, report) in enumerate(results):
-        assert [f[0] for f in failures] == ["SyncFailed", "SyncFailed", "ValueError" if rank == 3 else "SyncFailed"]
+        kinds = [f[0] for f in failures]
         raised, mismatch, consumer = (f[1] for f in failures)
-        assert "rank(s) [0]" in raised and "quantizer exploded" in raised
-        assert "rank(s) [0]" in mismatch and "does not match the manifest" in mismatch and SPECS[3][0] in mismatch
-        assert "cannot load tail" in consumer and (rank == 3 or "rank(s) [3]" in consumer)
+        assert kinds == ["SyncFailed", "SyncFailed", "ValueError" if rank == 3 else "SyncFailed"], failures
+        assert "rank(s) [0]:" in raised and "producer raised RuntimeError: quantizer exploded" in raised
+        assert (
+            "rank(s) [0]:" in mismatch
+            and "does not match the manifest" in mismatch
+            and SPECS[3][0] in mismatch
+        )
+        assert "cannot load tail" in consumer and (rank == 3 or "rank(s) [3]:" in consumer)
         assert report.tensors == len(SPECS)
 
 
 def test_a_corrupted_bucket_fails_the_commit_naming_rank_and_bucket(cluster: Cluster) -> None:
     results = cluster.run(checksum_mismatch, port=free_port())
-    for rank, (caught, report) in enumerate(results):
-        if rank == 3:  # its own byte compare may trip before the commit; its vote names the bucket
-            assert caught[0] in ("SyncFailed", "AssertionError")
-        else:
-            assert caught[0] == "SyncFailed"
-            assert "rank(s) [3]" in caught[1] and "checksum mismatch in bucket(s) [1]" in caught[1], caught
+    for caught, report in results:
+        assert caught[0] == "SyncFailed"
+        assert "rank(s) [3]: rank 3: checksum mismatch in bucket(s) [1] of 8" in caught[1], caught
         assert report.tensors == len(SPECS)
 
 
@@ -433,7 +483,10 @@ def test_world_size_mismatch_fails_fast_on_every_rank(cluster: Cluster) -> None:
     (kind, message), _ = results[0]
     assert kind == "RendezvousError"
     assert "rank 0 (trainer) says world_size=3" in message
-    assert "ranks 1 (server A), 2 (server A), 3 (server B) say world_size=4" in message
+    # Names whichever inference ranks had joined when the disagreement was seen.
+    assert re.search(
+        r"ranks? \d \(server [AB]\).* says? world_size=4, rank 0 \(trainer\) says world_size=3", message
+    )
     assert max(took for _, took in results) < 10.0
 
 
@@ -482,8 +535,10 @@ def test_memory_stays_bounded_by_two_buckets_plus_the_largest_oversized_tensor(c
     assert grew0 < 2 * bucket + big + slack, grew0
     assert grew1 < 2 * bucket + 2 * big + slack, grew1
     assert max(grew0, grew1) < model / 2
-    print(f"\n96 MiB over Gloo, {bucket >> 20} MiB buckets: sender {sent.gbytes_per_s:.2f} GB/s "
-          f"(rss +{grew0 >> 20} MiB), receiver {got.gbytes_per_s:.2f} GB/s (rss +{grew1 >> 20} MiB); "
-          f"phases s: header {sent.header_s:.4f} vote {sent.vote_s:.4f} transfer {sent.transfer_s:.3f} "
-          f"(pack {sent.work_s:.3f}, wait {sent.wait_s:.3f}) commit {sent.commit_s:.4f}; "
-          f"largest small tensor {largest_small >> 10} KiB")
+    print(
+        f"\n96 MiB over Gloo, {bucket >> 20} MiB buckets: sender {sent.gbytes_per_s:.2f} GB/s "
+        f"(rss +{grew0 >> 20} MiB), receiver {got.gbytes_per_s:.2f} GB/s (rss +{grew1 >> 20} MiB); "
+        f"phases s: header {sent.header_s:.4f} vote {sent.vote_s:.4f} transfer {sent.transfer_s:.3f} "
+        f"(pack {sent.work_s:.3f}, wait {sent.wait_s:.3f}) commit {sent.commit_s:.4f}; "
+        f"largest small tensor {largest_small >> 10} KiB"
+    )

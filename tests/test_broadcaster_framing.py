@@ -36,7 +36,9 @@ def test_plan_keeps_order_aligns_and_splits_only_oversized_tensors() -> None:
         assert all(p.bucket_offset % ALIGN == 0 for p in e.pieces)
         assert (len(e.pieces) > 1) == (e.nbytes > 1024)
     huge = entries[4]
-    assert [p.tensor_offset for p in huge.pieces] == [sum(q.nbytes for q in huge.pieces[:i]) for i in range(3)]
+    assert [p.tensor_offset for p in huge.pieces] == [
+        sum(q.nbytes for q in huge.pieces[:i]) for i in range(3)
+    ]
     assert [p.bucket for p in huge.pieces] == [2, 3, 4] and huge.pieces[-1].nbytes == 3050 - 2048
     assert entries[3].pieces[0].bucket_offset == 0  # did not fit after "small"/"odd": new bucket
     header = make_header(SPECS, sync_id="s", weights_version=1, bucket_size=1024)
@@ -70,7 +72,9 @@ def test_dtype_names_round_trip() -> None:
 
 
 def test_checksum_sees_a_flipped_byte_and_moved_words() -> None:
-    bucket = torch.randint(0, 256, (4096 * 8 + 48,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    bucket = torch.randint(
+        0, 256, (4096 * 8 + 48,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
     ref = bucket_checksum(bucket)
     assert torch.equal(ref, bucket_checksum(bucket.clone()))
     flipped = bucket.clone()

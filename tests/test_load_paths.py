@@ -100,7 +100,8 @@ def test_layerwise_partial_then_rest(engine: Engine) -> None:
 def test_kernel_path(engine: Engine) -> None:
     runtime = hf_to_runtime_llama(load_file(engine.model.file_b))
     manifest = engine.rpc("layercast_runtime_manifest")
-    assert sorted([n, str(t.dtype).removeprefix("torch."), list(t.shape)] for n, t in runtime.items()) == manifest
+    announced = sorted([n, str(t.dtype).removeprefix("torch."), list(t.shape)] for n, t in runtime.items())
+    assert announced == manifest
     f = engine.workdir / "runtime_b.safetensors"
     save_file(runtime, f)
     assert engine.rpc("layercast_choose_path", requested="auto", manifest=manifest)[0] == "kernel"

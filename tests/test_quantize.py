@@ -262,3 +262,27 @@ def test_compiled_path_matches_vllm_compiled_reference() -> None:
     ours = quantize_weight(x, HF_BLOCK, compiled=True)
     assert_bit_identical(ours, _vllm_block_ref(HF_BLOCK, compiled=True)(x), HF_BLOCK)
     assert_bit_identical(ours, _vllm_block_ref(HF_BLOCK)(x), HF_BLOCK)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("scheme_name", list(SCHEMES))
+def test_cuda_bit_identical_to_reference_run_on_cuda(scheme_name: str) -> None:
+    # CUDA divides by a Python float as a multiply by its reciprocal, so bits are per device.
+    scheme = SCHEMES[scheme_name]
+    refs = [reference(scheme)]
+    if scheme.source == "fp8" and scheme.kind == "fp8_block":
+        refs.append(_vllm_block_ref(scheme, compiled=True))
+    for shape in SHAPES:
+        for dtype in DTYPES:
+            for kind, x in _inputs(shape, dtype, seed=zlib.crc32(f"{scheme_name}{shape}".encode())):
+                xc = x.cuda()
+                for compiled in (False, True):
+                    ours = quantize_weight(xc, scheme, compiled=compiled)
+                    for ref in refs:
+                        try:
+                            assert_bit_identical(ours, ref(xc), scheme)
+                        except AssertionError as err:
+                            raise AssertionError(
+                                f"{shape} {dtype} {kind} compiled={compiled}: {err}"
+                            ) from err

@@ -12,6 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from configs.quant import QuantScheme
 from trainer_side.preflight import MemoryBudgetError, preflight, require_memory_budget
@@ -96,6 +98,14 @@ def test_unquantized_walk_is_the_saved_checkpoint(arch: str, tied: bool, tmp_pat
     if arch == "qwen3_moe":
         assert "model.layers.0.mlp.experts.3.up_proj.weight" in yielded
         assert yielded["model.layers.0.mlp.experts.3.down_proj.weight"].shape == (64, 32)
+
+
+def test_tied_config_never_sends_lm_head() -> None:
+    model = tiny("qwen3", tied=True)
+    model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())  # tie broken in the trainer
+    names = [s.name for s in plan_stream(model, NONE)]
+    assert "lm_head.weight" not in names  # vLLM ties lm_head to embed_tokens and skips lm_head.weight
+    assert names[0] == "model.embed_tokens.weight"
 
 
 def test_transposed_fused_experts_split_like_the_standard_layout() -> None:
@@ -235,6 +245,54 @@ def test_earlier_chunks_are_freed_once_the_consumer_drops_them() -> None:
         seen += len(chunk.tensors)
         del chunk
     assert seen == len(plan)
+
+
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of the storages torch ops allocate while active, freed ones subtracted.
+
+    Storage Python objects live exactly as long as the storage (torch preserves them), so a finalizer
+    on one fires when its memory goes, views included.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+        self.tracked = {p.untyped_storage().data_ptr() for p in model.parameters()}  # not allocations
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key, nbytes = storage.data_ptr(), storage.nbytes()
+                if nbytes and key not in self.tracked:
+                    self.tracked.add(key)
+                    self.live += nbytes
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._free, key, nbytes)
+        return out
+
+    def _free(self, key: int, nbytes: int) -> None:
+        self.tracked.discard(key)
+        self.live -= nbytes
+
+
+@pytest.mark.parametrize(("scheme", "dtype"), [(NONE, torch.float32), (FP8_BLOCK, torch.bfloat16)])
+def test_peak_memory_of_the_walk_is_about_one_chunk(scheme: QuantScheme, dtype: torch.dtype) -> None:
+    if scheme.quantized:
+        quantizer()
+    model = tiny("qwen3_moe")  # BF16: with dtype=float32 every yielded tensor is a fresh allocation
+    pre = preflight(model, scheme, dtype=dtype)
+    with LiveBytes(model) as dropping:
+        for chunk in iter_layer_chunks(model, scheme, dtype=dtype):
+            del chunk
+    with LiveBytes(model) as keeping:
+        kept = list(iter_layer_chunks(model, scheme, dtype=dtype))
+    assert pre.largest_chunk_bytes <= dropping.peak <= pre.walk_peak_bytes
+    # The tracker does see a consumer that hoards chunks (unquantized: every yielded byte is fresh).
+    assert dropping.peak < keeping.peak
+    if not scheme.quantized:
+        assert keeping.peak == sum(c.nbytes for c in kept) > pre.walk_peak_bytes
 
 
 def test_preflight_matches_the_walk() -> None:

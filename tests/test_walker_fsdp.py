@@ -7,7 +7,6 @@ import gc
 import os
 import socket
 import weakref
-from typing import Any
 
 import pytest
 import torch
@@ -58,7 +57,9 @@ def assert_same_chunk(chunk: LayerChunk, want: LayerChunk, kind: str) -> None:
         assert same_bits(a, b), f"{kind}: {name} differs from the unsharded walk"
 
 
-def check_walk(model: nn.Module, reference: nn.Module | None, scheme: QuantScheme, dtype: Any) -> None:
+def check_walk(
+    model: nn.Module, reference: nn.Module | None, scheme: QuantScheme, dtype: torch.dtype | None
+) -> None:
     """Walk `model` on every rank; rank 0 (holding `reference`) checks it against the unsharded walk."""
     expected = list(iter_layer_chunks(reference, scheme, dtype=dtype)) if reference is not None else []
     alive: list[weakref.ref[Tensor]] = []
@@ -75,11 +76,11 @@ def check_walk(model: nn.Module, reference: nn.Module | None, scheme: QuantSchem
     assert len(got) == len(expected) or reference is None
 
     layer0 = next(c for c in got if c.label == "model.layers.0")
-    fp32_bytes = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
-    if not scheme.quantized:
-        assert layer0.bytes_gathered == fp32_bytes
+    numel = sum(p.numel() for p in model.model.layers[0].parameters())
+    if not scheme.quantized:  # cast (if asked) before the gather
+        assert layer0.bytes_gathered == numel * (dtype or torch.float32).itemsize
     else:  # the experts and the aligned linears travel as FP8 (quantized before the gather)
-        assert layer0.bytes_gathered < fp32_bytes / 2
+        assert layer0.bytes_gathered < numel * 2
 
 
 def worker(rank: int, port: int, quantized: bool) -> None:
@@ -100,6 +101,7 @@ def worker(rank: int, port: int, quantized: bool) -> None:
         assert all(isinstance(p, DTensor) for p in model.parameters())
 
         check_walk(model, reference, NONE, None)
+        check_walk(model, reference, NONE, torch.bfloat16)
         if quantized:
             check_walk(model, reference, FP8_BLOCK, torch.bfloat16)
             check_walk(model, reference, FP8_CHANNEL, torch.bfloat16)

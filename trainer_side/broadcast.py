@@ -226,7 +226,7 @@ class WeightBroadcaster:
         t0 = time.perf_counter()
         specs = plan_stream(model, self.scheme, self.name_map, dtype=self._dtype)
         header = make_header(
-            specs,
+            [(s.name, s.dtype, s.shape) for s in specs],
             sync_id=sync_id,
             weights_version=version,
             scheme=self.scheme,

@@ -108,6 +108,8 @@ def _expert_parts(name: str, param: Tensor, owner: nn.Module) -> tuple[tuple[_Ex
     `is_concatenated`) and `down_proj` [E, H, I]; `is_transposed` models store [E, in, out] instead.
     The checkpoint holds `experts.{e}.{gate,up,down}_proj.weight`, each [out, in].
     """
+    if hasattr(owner, "is_concatenated") and getattr(owner, "has_bias", False):
+        raise NotImplementedError(f"{name}: fused experts with biases (e.g. gpt-oss) are not supported")
     leaf = name.rsplit(".", 1)[-1]
     if param.ndim != 3 or ".experts." not in f".{name}" or leaf not in _FUSED_EXPERT_LEAVES:
         return (), False
@@ -313,6 +315,8 @@ def materialize(src: Source, scheme: QuantScheme, dtype: torch.dtype | None) -> 
     if quantize_before_gather_ok(src, p, scheme):
         named = _quantize_then_gather(src, p, scheme, dtype)
         return named, sum(t.numel() * t.element_size() for _, t in named)
+    if dtype is not None:
+        p = p.to(dtype)  # cast the shard, not the gathered tensor: same bits, fewer bytes on the wire
     full = p.full_tensor()
     sharded = any(isinstance(pl, Shard) for pl in p.placements)
     gathered = full.numel() * full.element_size() if sharded else 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -10,6 +11,8 @@ from torch import nn
 from configs.quant import QuantScheme
 from trainer_side.layers import output_specs, plan_chunks
 from trainer_side.names import NameMap
+
+_WORKSPACE_FP32_COPIES = 3
 
 
 class MemoryBudgetError(ValueError):
@@ -21,7 +24,9 @@ class Preflight:
     """Sizes of a walk. "Source" bytes are the tensors unquantized (e.g. BF16), "sent" bytes as yielded.
 
     `walk_peak_bytes` bounds what the walk holds at once: the largest chunk as sent, plus one full
-    parameter in the trainer's storage dtype (what a gather or a cast materialises while converting).
+    parameter in the trainer's storage dtype (what a gather or a cast materialises while converting),
+    plus the quantizer's workspace for the largest quantized matrix (its eager temporaries stay under
+    three FP32 copies of the matrix).
     """
 
     num_chunks: int
@@ -30,12 +35,13 @@ class Preflight:
     largest_chunk_bytes: int
     largest_chunk_source_bytes: int
     largest_param_bytes: int
+    quantize_workspace_bytes: int
     total_bytes: int
     total_source_bytes: int
 
     @property
     def walk_peak_bytes(self) -> int:
-        return self.largest_chunk_bytes + self.largest_param_bytes
+        return self.largest_chunk_bytes + self.largest_param_bytes + self.quantize_workspace_bytes
 
 
 def preflight(
@@ -51,6 +57,7 @@ def preflight(
     source: dict[str, int] = {}
     num_tensors = 0
     largest_param = 0
+    largest_quantized = 0
     for chunk in plan_chunks(model, scheme, name_map):
         specs = [s for src in chunk.sources for s in output_specs(src, scheme, dtype)]
         plain = [s for src in chunk.sources for s in output_specs(src, unquantized, dtype)]
@@ -58,6 +65,8 @@ def preflight(
         sent[chunk.label] = sum(_nbytes(dt, shape) for _, dt, shape in specs)
         source[chunk.label] = sum(_nbytes(dt, shape) for _, dt, shape in plain)
         largest_param = max([largest_param, *(src.source_bytes for src in chunk.sources)])
+        quantized = [math.prod(o.shape) for src in chunk.sources for o in src.outputs if o.quantize]
+        largest_quantized = max([largest_quantized, *quantized])
     if not sent:
         raise ValueError(f"{type(model).__name__} yields no tensors")
     largest = max(sent, key=lambda label: sent[label])
@@ -68,6 +77,7 @@ def preflight(
         largest_chunk_bytes=sent[largest],
         largest_chunk_source_bytes=max(source.values()),
         largest_param_bytes=largest_param,
+        quantize_workspace_bytes=_WORKSPACE_FP32_COPIES * 4 * largest_quantized,
         total_bytes=sum(sent.values()),
         total_source_bytes=sum(source.values()),
     )
@@ -85,16 +95,14 @@ def require_memory_budget(pre: Preflight, budget_bytes: int, bucket_bytes: int =
             f"memory budget {_mib(budget_bytes)} is too small for the walk: largest chunk "
             f"{pre.largest_chunk!r} is {_mib(pre.largest_chunk_bytes)} as sent, "
             f"+ {_mib(pre.largest_param_bytes)} for the largest parameter while it is converted, "
+            f"+ {_mib(pre.quantize_workspace_bytes)} of quantizer workspace, "
             f"+ {_mib(bucket_bytes)} of send buckets "
             f"= {_mib(need)} needed"
         )
 
 
 def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
-    n = dtype.itemsize
-    for d in shape:
-        n *= d
-    return n
+    return math.prod(shape) * dtype.itemsize
 
 
 def _mib(n: int) -> str:

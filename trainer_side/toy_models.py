@@ -10,7 +10,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig, Qwen3Config, Qwen3MoeConfig
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    PretrainedConfig,
+    PreTrainedTokenizerFast,
+    Qwen3Config,
+    Qwen3MoeConfig,
+)
 
 Arch = Literal["llama", "qwen3", "qwen3_moe"]
 
@@ -63,8 +71,24 @@ def perturb_(model: torch.nn.Module, step: int, scale: float = 0.05) -> None:
             p.add_(noise.to(p.dtype) * p.detach().float().std().clamp_min(1e-3).to(p.dtype))
 
 
+def toy_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer: ids 0-2 are `<unk> <s> </s>`, id i >= 3 is the word `t<i>`, so servers
+    take and return text without any download."""
+    specials = ["<unk>", "<s>", "</s>"]
+    vocab = {tok: i for i, tok in enumerate(specials)} | {
+        f"t{i}": i for i in range(len(specials), vocab_size)
+    }
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.decoder = decoders.WordPiece(prefix="##")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+
+
 def save_toy(model: torch.nn.Module, path: str | Path) -> Path:
-    """Write `model` as an HF checkpoint directory (config.json + safetensors)."""
+    """Write `model` as an HF checkpoint directory (config.json + safetensors + tokenizer)."""
     path = Path(path)
     model.save_pretrained(path, safe_serialization=True)
+    toy_tokenizer(model.config.vocab_size).save_pretrained(path)
     return path
