@@ -1,0 +1,1 @@
+"""layercast's HTTP surface: the routes every server exposes, the client an orchestrator uses, the CLI."""

@@ -132,10 +132,19 @@ class WeightBroadcaster:
     async def _workers_per_server(self) -> list[int]:
         clients = self._clients()
         try:
-            statuses = await asyncio.gather(*(cl.weights() for cl in clients))
+            statuses = await asyncio.gather(*(cl.weights() for cl in clients), return_exceptions=True)
         finally:
             await asyncio.gather(*(cl.aclose() for cl in clients))
-        return [s.num_workers or 1 for s in statuses]
+        errors = {
+            cl.base_url: s for cl, s in zip(clients, statuses, strict=True) if isinstance(s, BaseException)
+        }
+        if errors:
+            detail = "; ".join(f"{u}: {type(e).__name__}: {e}" for u, e in errors.items())
+            raise PushError(
+                f"cannot reach inference server(s) for GET /weights: {detail}",
+                {u: str(e) for u, e in errors.items()},
+            )
+        return [s.num_workers or 1 for s in statuses]  # type: ignore[union-attr]
 
     def init(self) -> dict[str, InitBroadcasterResponse]:
         """Join every server to a fresh group (a rendezvous: all servers are called concurrently)."""
@@ -219,8 +228,7 @@ class WeightBroadcaster:
             for _ in iter_layer_chunks(model, self.scheme, self.name_map, dtype=self._dtype):
                 pass
             return report
-        if self.group is None or self.group.broken:
-            self.init()
+        self._ensure_group()
         assert self.group is not None
         c = self.config
         t0 = time.perf_counter()
@@ -276,6 +284,16 @@ class WeightBroadcaster:
         report.tensors, report.bytes_sent = wire.tensors, wire.payload_bytes
         report.send_s, report.commit_s = wire.transfer_s - report.quantize_s, wire.commit_s
         return report
+
+    def _ensure_group(self) -> None:
+        """A group aborted by a failed sync (here or on any server) is replaced by a fresh one."""
+        if self.group is not None:
+            try:
+                self.group.check_health()
+                return
+            except BroadcastError:
+                pass
+        self.init()
 
     def close(self) -> None:
         if self.group is not None:

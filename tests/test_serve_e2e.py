@@ -1,0 +1,239 @@
+"""End to end over real HTTP and Gloo: `layercast serve` (vLLM CPU build) + the trainer's WeightBroadcaster.
+
+One server per module (vLLM start-up costs ~40 s on CPU); tests run in file order and share it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from broadcaster.errors import BroadcastError
+from broadcaster.framing import make_header
+from broadcaster.sender import Sender
+from configs.trainer import BroadcasterConfig
+from rpc.client import AsyncServerClient
+from rpc.demo import PROMPT, reference_greedy
+from rpc.launch import ServerProcess, free_port
+from trainer_side.broadcast import PushError, WeightBroadcaster
+from trainer_side.toy_models import perturb_, save_toy, toy_config, toy_model
+from trainer_side.walker import iter_layer_chunks, plan_stream
+
+pytestmark = pytest.mark.slow
+TOKEN = "s3cret-token-for-tests"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+MAX_TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def trainer_model() -> torch.nn.Module:
+    return toy_model(toy_config("qwen3", torch.float32), seed=0)
+
+
+@pytest.fixture(scope="module")
+def server(
+    trainer_model: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    work = tmp_path_factory.mktemp("serve")
+    model_dir = save_toy(trainer_model, work / "model")
+    proc = ServerProcess(
+        model_dir,
+        extra_args=[
+            "--dtype",
+            "float32",
+            "--max-model-len",
+            "256",
+            "--max-num-seqs",
+            "4",
+            "--enforce-eager",
+            "--served-model-name",
+            "toy",
+            "--kv-cache-memory-bytes",
+            str(64 * 2**20),
+        ],
+        log_path=work / "server.log",
+        token=TOKEN,
+    )
+    try:
+        proc.wait_ready(300)
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="module")
+def bc(server: ServerProcess) -> Iterator[WeightBroadcaster]:
+    model_dir = Path(server.log_path).parent / "model"
+    b = WeightBroadcaster(
+        BroadcasterConfig(
+            servers=[server.url],
+            inference_config=str(model_dir),
+            master_port=free_port(),
+            token=TOKEN,
+            bucket_bytes=256 * 1024,
+            step_timeout_s=30,
+            rendezvous_timeout_s=60,
+        )
+    )
+    yield b
+    b.close()
+
+
+def _generate(url: str) -> tuple[list[int], list[float]]:
+    async def run() -> dict:
+        async with AsyncServerClient(url) as c:
+            return await c.complete_tokens("toy", PROMPT, MAX_TOKENS, logprobs=1)
+
+    choice = asyncio.run(run())["choices"][0]
+    return list(choice["token_ids"]), [float(x) for x in choice["logprobs"]["token_logprobs"]]
+
+
+def _assert_serves(url: str, model: torch.nn.Module) -> None:
+    tokens, lps = _generate(url)
+    ref_tokens, ref_lps = reference_greedy(model, PROMPT, MAX_TOKENS)
+    assert tokens == ref_tokens
+    assert max(abs(a - b) for a, b in zip(lps, ref_lps, strict=True)) < 1e-3
+
+
+def test_admin_routes_need_the_token(server: ServerProcess) -> None:
+    body = {"master_address": "127.0.0.1", "master_port": 1, "world_size": 2, "rank_offset": 1}
+    r = httpx.post(server.url + "/init_broadcaster", json=body)
+    assert r.status_code == 401 and "bearer" in r.text.lower()
+    r = httpx.post(server.url + "/init_broadcaster", json=body, headers={"Authorization": "Bearer nope"})
+    assert r.status_code == 403
+    assert TOKEN not in r.text
+    r = httpx.get(server.url + "/weights")
+    assert r.status_code == 200 and r.json()["state"] == "uninitialized" and r.json()["num_workers"] == 1
+
+
+def test_update_before_init_is_503(server: ServerProcess) -> None:
+    r = httpx.post(server.url + "/update_weights", json={"sync_id": "s0", "weights_version": 1}, headers=AUTH)
+    assert r.status_code == 503 and "/init_broadcaster" in r.text
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"master_address": "h", "master_port": "x", "world_size": 2, "rank_offset": 1}, "master_port"),
+        ({"master_address": "h", "master_port": 5, "world_size": 2, "rank_offset": 2}, "rank_offset"),
+        ({"master_address": "h", "master_port": 5, "world_size": 2}, "rank_offset"),
+        (
+            {"master_address": "h", "master_port": 5, "world_size": 2, "rank_offset": 1, "load_path": "x"},
+            "load_path",
+        ),
+        ({"master_address": "h", "master_port": 5, "world_size": 2, "rank_offset": 1, "bogus": 1}, "bogus"),
+    ],
+)
+def test_malformed_init_names_the_field(server: ServerProcess, body: dict, field: str) -> None:
+    r = httpx.post(server.url + "/init_broadcaster", json=body, headers=AUTH)
+    assert 400 <= r.status_code < 500 and field in r.text
+
+
+def test_bad_json_and_unknown_route(server: ServerProcess) -> None:
+    r = httpx.post(
+        server.url + "/update_weights",
+        content=b"{not json",
+        headers={**AUTH, "content-type": "application/json"},
+    )
+    assert 400 <= r.status_code < 500
+    assert httpx.get(server.url + "/no_such_route").status_code == 404
+
+
+def test_sync_updates_generation(
+    server: ServerProcess, bc: WeightBroadcaster, trainer_model: torch.nn.Module
+) -> None:
+    inits = bc.init()
+    assert inits[server.url].ranks == [1] and inits[server.url].load_path in ("layerwise", "checkpoint")
+    for version in (1, 2):
+        perturb_(trainer_model, version)
+        report = bc.push(trainer_model, version)
+        assert report.servers[server.url].weights_version == version
+        assert report.bytes_sent == sum(p.numel() * p.element_size() for p in trainer_model.parameters())
+        status = httpx.get(server.url + "/weights").json()
+        assert status["weights_version"] == version and status["state"] == "ready"
+        _assert_serves(server.url, trainer_model)
+
+
+def test_mismatched_sync_id_is_refused_and_nothing_changes(
+    server: ServerProcess, bc: WeightBroadcaster, trainer_model: torch.nn.Module
+) -> None:
+    before = _generate(server.url)
+    changed = toy_model(toy_config("qwen3", torch.float32), seed=7)
+    specs = plan_stream(changed, bc.scheme)
+    header = make_header(
+        [(s.name, s.dtype, s.shape) for s in specs],
+        sync_id="trainer-side",
+        weights_version=9,
+        scheme=bc.scheme,
+        bucket_size=256 * 1024,
+    )
+    answer: dict[str, httpx.Response] = {}
+
+    def arm() -> None:
+        answer["r"] = httpx.post(
+            server.url + "/update_weights",
+            headers=AUTH,
+            timeout=60,
+            json={"sync_id": "server-side", "weights_version": 9},
+        )
+
+    t = threading.Thread(target=arm)
+    t.start()
+    assert bc.group is not None
+    with pytest.raises(BroadcastError, match="server-side"):
+        Sender(bc.group).send(header, (t for c in iter_layer_chunks(changed, bc.scheme) for t in c.tensors))
+    t.join(60)
+    assert answer["r"].status_code == 409 and "trainer-side" in answer["r"].text
+    status = httpx.get(server.url + "/weights").json()
+    assert status["weights_version"] == 2 and status["state"] == "ready"
+    assert _generate(server.url) == before
+
+
+def test_second_concurrent_update_is_409_then_recovers(
+    server: ServerProcess, bc: WeightBroadcaster, trainer_model: torch.nn.Module
+) -> None:
+    first: dict[str, httpx.Response] = {}
+
+    def arm() -> None:  # nobody sends: this one times out waiting for the header
+        first["r"] = httpx.post(
+            server.url + "/update_weights",
+            headers=AUTH,
+            timeout=60,
+            json={"sync_id": "lonely", "weights_version": 3, "timeout_s": 3},
+        )
+
+    t = threading.Thread(target=arm)
+    t.start()
+    time.sleep(0.5)
+    r = httpx.post(
+        server.url + "/update_weights", headers=AUTH, json={"sync_id": "second", "weights_version": 3}
+    )
+    assert r.status_code == 409 and "in progress" in r.text
+    t.join(60)
+    assert first["r"].status_code == 504 and "header" in first["r"].text
+    assert httpx.get(server.url + "/weights").json()["state"] == "ready"  # nothing was loaded
+    # The group was aborted by the timeout: the next push re-joins everyone and succeeds.
+    perturb_(trainer_model, 3)
+    report = bc.push(trainer_model, 3)
+    assert report.servers[server.url].weights_version == 3
+    _assert_serves(server.url, trainer_model)
+
+
+def test_push_without_servers_listening_fails_clearly(tmp_path: Path, server: ServerProcess) -> None:
+    b = WeightBroadcaster(
+        BroadcasterConfig(
+            servers=[f"http://127.0.0.1:{free_port()}"],
+            inference_config=str(Path(server.log_path).parent / "model"),
+            master_port=free_port(),
+            http_timeout_s=2,
+        )
+    )
+    with pytest.raises(PushError, match="cannot reach"):
+        b.init()
