@@ -278,3 +278,104 @@ DEV_ROUTES: tuple[tuple[str, str], ...] = (
     ("POST", "/wake_up"),
 )
 """Routes ``VLLM_SERVER_DEV_MODE=1`` adds in 0.26 that layercast may use (checked by the test)."""
+
+
+# --- checkpoint-manifest checks (``manifest_check.py``) ----------------------------------------------
+
+
+def model_format_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters as recorded at model init, ``name -> meta tensor`` (class and attributes such as
+    ``output_dim``/``input_dim``/``weight_loader`` kept by ``reload/meta.py:to_meta_tensor``)."""
+    info = _layerwise_info()
+    out: dict[str, torch.Tensor] = {}
+    for mod_name, module in model.named_modules():
+        if module not in info:
+            continue
+        params, _buffers = info[module].restore_metadata
+        for pname, meta in params.items():
+            out[f"{mod_name}.{pname}" if mod_name else pname] = meta
+    return out
+
+
+def checkpoint_name_mapper(model: torch.nn.Module) -> Callable[[str], tuple[str, Any] | None]:
+    """HF name -> ``(vLLM name, stacked shard id or None)``, or None when vLLM drops the name.
+
+    What ``AutoWeightsLoader.load_weights`` applies first: the model class's ``hf_to_vllm_mapper``
+    (0.26 ``WeightsMapper._map_name_with_shard``, which also does q/k/v and gate/up stacking through
+    ``orig_to_new_stacked``) merged with the quant config's ``get_cache_scale_mapper()``.
+    """
+    mapper = getattr(type(model), "hf_to_vllm_mapper", None)
+    modules = (model, *model.children())
+    quant_config = next((m.quant_config for m in modules if getattr(m, "quant_config", None)), None)
+    if quant_config is not None and hasattr(quant_config, "get_cache_scale_mapper"):
+        from vllm.model_executor.models.utils import WeightsMapper
+
+        mapper = (mapper or WeightsMapper()) | quant_config.get_cache_scale_mapper()
+    if mapper is None:
+        return lambda name: (name, None)
+    return mapper._map_name_with_shard  # type: ignore[no-any-return]
+
+
+def skipped_checkpoint_substrings() -> tuple[str, ...]:
+    """Names containing one of these are dropped by ``AutoWeightsLoader`` (unused rotary tensors)."""
+    from vllm.model_executor.models.utils import AutoWeightsLoader
+
+    return tuple(AutoWeightsLoader.ROTARY_EMBEDS_UNUSED_WEIGHTS)
+
+
+def expert_checkpoint_mappings(
+    model: torch.nn.Module,
+) -> list[tuple[str, str, list[tuple[str, str, int, str]], int]]:
+    """One ``(checkpoint prefix, module name, mapping, moe tp size)`` per routed-experts module.
+
+    ``mapping`` is the module's own ``get_expert_mapping(include_fused=True)`` (0.26
+    ``RoutedExperts``): ``(param prefix e.g. "experts.w13_", checkpoint part e.g. "experts.3.gate_proj.",
+    physical expert id, shard id w1|w2|w3)``; ``RoutedExperts.load_weights`` replaces the part inside
+    ``f"{layer_name}.{name}"`` by the prefix and strips ``layer_name``, giving the local parameter name.
+    """
+    out = []
+    for mod_name, module in model.named_modules():
+        get_mapping = getattr(module, "get_expert_mapping", None)
+        layer_name = getattr(module, "layer_name", None)
+        if not callable(get_mapping) or not isinstance(layer_name, str):
+            continue
+        moe_config = getattr(module, "moe_config", None)
+        tp = int(getattr(moe_config, "tp_size", 1) or 1)
+        out.append((layer_name, mod_name, list(get_mapping(include_fused=True)), tp))
+    return out
+
+
+def is_pipeline_placeholder(module: torch.nn.Module) -> bool:
+    """A layer another pipeline stage holds (``PPMissingLayer``/``StageMissingLayer``): vLLM skips it."""
+    return type(module).__name__ in ("PPMissingLayer", "StageMissingLayer")
+
+
+def module_tp_layout(module: torch.nn.Module) -> tuple[str, int, list[int] | None, int | None]:
+    """``(kind, tp size, full rows of each packed part or None, unpadded vocab or None)``.
+
+    kind: ``column`` (output dim sharded), ``row`` (input dim sharded), ``vocab`` (vocab rows sharded,
+    checkpoint rows = ``org_vocab_size``), ``replicated``. Parts: ``QKVParallelLinear`` -> q/k/v full
+    rows from the total head counts; ``MergedColumnParallelLinear`` -> ``output_sizes`` (full sizes).
+    """
+    from vllm.model_executor.layers.linear import (
+        ColumnParallelLinear,
+        MergedColumnParallelLinear,
+        QKVParallelLinear,
+        RowParallelLinear,
+    )
+    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+
+    tp = int(getattr(module, "tp_size", 1) or 1)
+    if isinstance(module, VocabParallelEmbedding):
+        return "vocab", tp, None, int(module.org_vocab_size)
+    if isinstance(module, QKVParallelLinear):
+        hs, vhs = module.head_size, getattr(module, "v_head_size", module.head_size)
+        parts = [module.total_num_heads * hs, module.total_num_kv_heads * hs, module.total_num_kv_heads * vhs]
+        return "column", tp, parts, None
+    if isinstance(module, MergedColumnParallelLinear):
+        return "column", tp, [int(s) for s in module.output_sizes], None
+    if isinstance(module, ColumnParallelLinear):
+        return "column", tp, None, None
+    if isinstance(module, RowParallelLinear):
+        return "row", tp, None, None
+    return "replicated", 1, None, None

@@ -1,0 +1,182 @@
+"""One fused Triton kernel: HF-fp8 block quantization, bit-identical to torch-on-CUDA's reference.
+
+The reference is vLLM's `per_block_cast_to_fp8(x, block_size, use_ue8m0=False)` (mirrored by
+`trainer_side.quantize._vllm_block`) as torch computes it on a CUDA tensor. Each program owns one
+`BLOCK_M x BLOCK_N` tile: it reads the tile once, writes its FP8 values once and its one float32 scale.
+Every step reproduces torch's CUDA bits, op for op:
+
+- out-of-range elements of an edge tile load as 0, exactly like the reference's zero padding;
+- `amax = |x|.float().amax()` propagates NaN (taken on sign-cleared bit patterns: for non-negative
+  floats integer order is float order, and every NaN sorts above +inf), then `clamp(min=1e-4)` in
+  float32, which keeps NaN;
+- `sf = amax / 448.0`: torch on CUDA divides by a CPU scalar as a multiply by the float32 reciprocal
+  `1.0f / 448.0f` (`div_true_kernel_cuda`), so the kernel multiplies by that same constant;
+- `1.0 / sf` is `sf.reciprocal() * 1.0`: an IEEE round-to-nearest division (`div_rn`), not Triton's
+  default approximate `/`;
+- `q = x_fp32 * (1 / sf)` is one float32 multiply (no FMA can form: nothing is added to it);
+- the cast to `float8_e4m3fn` is c10's software conversion (`fp8e4m3fn_from_fp32_value`): round to
+  nearest even, no saturation, `|v| >= 480` and NaN become `0x7f | sign`. `soft_cast=False` uses the
+  hardware `cvt.rn.satfinite` instead, which differs only for `464 < |v| < 480`, +-inf and NaN
+  signs; `|q|` never exceeds 448 by more than rounding once `amax` is finite, so both agree on every
+  finite weight, and the benchmark checks both against torch.
+
+Needs a CUDA device with FP8 conversions (sm_89+) and Triton; `available()` says whether it can run.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
+    triton = None
+    tl = None
+
+FP8_DTYPE = torch.float8_e4m3fn
+_INV_FP8_MAX = float(np.float32(1.0) / np.float32(448.0))  # what CUDA torch multiplies by for `/ 448.0`
+_AMAX_FLOOR = float(np.float32(1e-4))  # `clamp(1e-4)` compares against float32(1e-4)
+_INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+DEFAULT_NUM_WARPS = 8
+
+
+def available(device: torch.device | str | None = None) -> bool:
+    """Whether the kernel can run on `device` (default: the current CUDA device)."""
+    if triton is None or not torch.cuda.is_available():
+        return False
+    dev = torch.device(device) if device is not None else torch.device("cuda")
+    if dev.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(dev) >= (8, 9)
+
+
+def supports(x: torch.Tensor, block_size: tuple[int, int]) -> bool:
+    """Whether `fp8_block_quant` handles this input (else use the eager reference)."""
+    b0, b1 = block_size
+    return (
+        x.is_cuda
+        and x.dim() == 2
+        and x.dtype in _INPUT_DTYPES
+        and min(x.shape) > 0
+        and all(b > 0 and b & (b - 1) == 0 and b <= 256 for b in (b0, b1))
+        and available(x.device)
+    )
+
+
+if triton is not None:
+
+    @triton.jit
+    def _fp8_block_kernel(
+        x_ptr,
+        q_ptr,
+        s_ptr,
+        rows_total,
+        cols_total,
+        stride_xr,
+        stride_xc,
+        n_col_blocks,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        SOFT_CAST: tl.constexpr,
+        INV_FP8_MAX: tl.constexpr,
+        AMAX_FLOOR: tl.constexpr,
+    ):
+        pid_r = tl.program_id(0)
+        pid_c = tl.program_id(1)
+        rows = pid_r.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pid_c.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = (rows[:, None] < rows_total) & (cols[None, :] < cols_total)
+        x = tl.load(
+            x_ptr + rows[:, None] * stride_xr + cols[None, :] * stride_xc, mask=mask, other=0.0
+        ).to(tl.float32)
+
+        abs_bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+        amax = tl.max(tl.max(abs_bits, axis=1), axis=0).to(tl.float32, bitcast=True)
+        amax = tl.maximum(amax, AMAX_FLOOR, propagate_nan=tl.PropagateNan.ALL)
+        sf = amax * INV_FP8_MAX
+        inv = tl.math.div_rn(1.0, sf)
+        y = x * inv
+
+        if SOFT_CAST:
+            bits = y.to(tl.uint32, bitcast=True)
+            sign = bits & 0x80000000
+            mag = bits ^ sign
+            # normal fp8 range: rebias the exponent and round the mantissa to 3 bits, ties to even
+            mant_odd = (mag >> 20) & 1
+            normal = (mag - (120 << 23) + 0x7FFFF + mant_odd) >> 20
+            # below 2**-6: let a float32 add of 2**14 round to the fp8 subnormal grid
+            magic = tl.full(mag.shape, 141 << 23, tl.uint32)
+            shifted = mag.to(tl.float32, bitcast=True) + magic.to(tl.float32, bitcast=True)
+            sub = shifted.to(tl.uint32, bitcast=True) - (141 << 23)
+            small = mag < (121 << 23)
+            code = tl.where(mag >= (1087 << 20), 0x7F, tl.where(small, sub, normal))
+            code = code | (sign >> 24)
+            q = code.to(tl.uint8).to(tl.float8e4nv, bitcast=True)
+        else:
+            q = y.to(tl.float8e4nv)
+
+        tl.store(q_ptr + rows[:, None] * cols_total + cols[None, :], q, mask=mask)
+        tl.store(s_ptr + pid_r * n_col_blocks + pid_c, sf)
+
+
+def fp8_block_quant(
+    x: torch.Tensor,
+    block_size: tuple[int, int] = (128, 128),
+    *,
+    soft_cast: bool = True,
+    num_warps: int = DEFAULT_NUM_WARPS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(q, sf)` of a 2-D CUDA weight: fp8 `x.shape` and float32 `(ceil(R/b0), ceil(C/b1))`.
+
+    Bit-identical to `per_block_cast_to_fp8(x, block_size, use_ue8m0=False)` run by torch on CUDA;
+    `x` may be strided (the output is contiguous). Raises `ValueError` if `supports` says no.
+    """
+    if not supports(x, block_size):
+        raise ValueError(
+            f"fp8_block_quant needs a non-empty 2-D {[str(d) for d in _INPUT_DTYPES]} CUDA tensor on "
+            f"sm_89+ with Triton and power-of-two blocks <= 256; got {x.dtype} {tuple(x.shape)} on "
+            f"{x.device}, block {tuple(block_size)}"
+        )
+    b0, b1 = block_size
+    rows, cols = x.shape
+    q = torch.empty((rows, cols), dtype=FP8_DTYPE, device=x.device)
+    sf = torch.empty((math.ceil(rows / b0), math.ceil(cols / b1)), dtype=torch.float32, device=x.device)
+    with torch.cuda.device(x.device):
+        _launch(x, q, sf, block_size, soft_cast=soft_cast, num_warps=num_warps)
+    return q, sf
+
+
+def _launch(
+    x: torch.Tensor,
+    q: torch.Tensor,
+    sf: torch.Tensor,
+    block_size: tuple[int, int],
+    *,
+    soft_cast: bool,
+    num_warps: int,
+) -> None:
+    """Run the kernel into preallocated `q` and `sf` (no checks; CPU tensors work under
+    `TRITON_INTERPRET=1`, which the CPU tests use)."""
+    assert triton is not None
+    nr, nc = sf.shape
+    _fp8_block_kernel[(nr, nc)](
+        x,
+        q,
+        sf,
+        x.shape[0],
+        x.shape[1],
+        x.stride(0),
+        x.stride(1),
+        nc,
+        BLOCK_M=block_size[0],
+        BLOCK_N=block_size[1],
+        SOFT_CAST=soft_cast,
+        INV_FP8_MAX=_INV_FP8_MAX,
+        AMAX_FLOOR=_AMAX_FLOOR,
+        num_warps=num_warps,
+        enable_fp_fusion=False,
+    )
