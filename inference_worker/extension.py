@@ -1,7 +1,8 @@
 """vLLM worker extension (``worker_extension_cls``) exposing layercast's load paths via ``collective_rpc``.
 
 Mixed into vLLM's worker class, so ``self`` is the worker. ``_load_stream(path, iterator, manifest)`` is
-the single entry point that consumes ``(name, tensor)`` pairs; the network receive will feed it. The
+the single entry point that consumes ``(name, tensor)`` pairs; the network receive
+(``sync_worker.BroadcastReceiverMixin``: ``layercast_init`` / ``layercast_receive``) feeds it. The
 ``layercast_*`` methods are what ``collective_rpc`` calls (arguments must be msgpack-able when the
 engine runs in its own process: pass safetensors paths, not tensors).
 
@@ -18,13 +19,14 @@ from typing import Any
 import torch
 
 from inference_worker import load_paths, vllm_compat
+from inference_worker.sync_worker import BroadcastReceiverMixin
 
 vllm_compat.maybe_use_plain_cpu_linear()
 
 MAX_KEPT_STATS = 64
 
 
-class LayercastWorkerExtension:
+class LayercastWorkerExtension(BroadcastReceiverMixin):
     """Methods added to the vLLM worker; all names start with ``layercast_`` / ``_layercast`` / ``_load``."""
 
     # --- helpers ------------------------------------------------------------------------------

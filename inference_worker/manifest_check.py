@@ -282,7 +282,7 @@ def check_checkpoint_manifest(model: torch.nn.Module, entries: Sequence[Sequence
 
 
 def _missing_shards(pname: str, got: dict[Any, str], m: _Model) -> str:
-    slots = m.expert_slots.get(pname)
+    slots = next((v for k, v in m.expert_slots.items() if pname.startswith(k)), None)
     if slots is not None:
         have = {s for s in got if isinstance(s, str)}
         lacking = sorted(slots - have)

@@ -12,7 +12,7 @@ from importlib.metadata import entry_points
 
 from inference_worker.http_plugin import PLUGIN_NAME, TOKEN_ENV
 
-EXTENSION_CLS = "inference_worker.worker_extension.LayercastWorker"
+EXTENSION_CLS = "inference_worker.extension.LayercastWorkerExtension"
 _PLUGIN_GROUPS = (
     "vllm.general_plugins",
     "vllm.platform_plugins",

@@ -123,6 +123,9 @@ class BroadcastReceiverMixin:
             )
         state = self._layercast_sync
         assert state is not None
+        want = "kernel" if state.path == "kernel" else "checkpoint"
+        if header.layout != want:
+            return f"trainer sends the {header.layout} layout but this server loads by the {state.path} path"
         model = vllm_compat.worker_model(self)
         entries = [(e.name, e.dtype, e.shape) for e in header.entries]
         if state.path == "kernel":

@@ -69,11 +69,11 @@ def engine(request: pytest.FixtureRequest, tiny_models: dict[str, TinyModel]) ->
             os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = old
 
 
-def _replace(entries: list[Entry], name: str, **change: Any) -> list[Entry]:
-    assert any(e[0] == name for e in entries), name
+def _replace(entries: list[Entry], target: str, **change: Any) -> list[Entry]:
+    assert any(e[0] == target for e in entries), target
     out = []
     for e in entries:
-        if e[0] == name:
+        if e[0] == target:
             e = (change.get("name", e[0]), change.get("dtype", e[1]), change.get("shape", e[2]))
         out.append(e)
     return out
@@ -89,8 +89,8 @@ def test_real_checkpoint_accepted(engine: Engine) -> None:
 def test_renamed_tensor_refused(engine: Engine) -> None:
     name = "model.layers.1.self_attn.q_proj.weight"
     bad = _replace(engine.manifest, name, name="model.layers.1.self_attn.query_proj.weight")
-    engine.refused(bad, "model.layers.1.self_attn.query_proj.weight: unknown tensor",
-                   "model.layers.1.self_attn.qkv_proj.weight: no entry covers its part(s) q_proj", "2 problems")
+    engine.refused(bad, "model.layers.1.self_attn.query_proj.weight: unknown tensor", "(2 problems)",
+                   "model.layers.1.self_attn.qkv_proj.weight: no entry covers its part(s) q_proj")
 
 
 def test_missing_layer_refused(engine: Engine) -> None:
@@ -119,7 +119,8 @@ def test_wrong_shape_refused(engine: Engine) -> None:
     engine.refused(_replace(engine.manifest, name, shape=(64, 127)), f"{name}: shape [64, 127]")
     norm = "model.layers.1.post_attention_layernorm.weight"
     engine.refused(_replace(engine.manifest, norm, shape=(64,)), f"{norm}: shape [64]")
-    engine.refused(_replace(engine.manifest, "lm_head.weight", shape=(500, 128)), "lm_head.weight: 500 vocab rows")
+    short_vocab = _replace(engine.manifest, "lm_head.weight", shape=(500, 128))
+    engine.refused(short_vocab, "lm_head.weight: 500 vocab rows")
 
 
 def test_duplicate_refused(engine: Engine) -> None:

@@ -36,6 +36,7 @@ from configs.quant import QuantScheme
 from configs.trainer import BroadcasterConfig
 from rpc.client import AsyncServerClient
 from trainer_side.detect import detect_quant_scheme
+from trainer_side.kernel_layout import KernelLayoutError, check_against_runtime, fuse_specs, fuse_tensors
 from trainer_side.names import NameMap
 from trainer_side.walker import iter_layer_chunks, plan_stream
 
@@ -205,7 +206,30 @@ class WeightBroadcaster:
             detail = "; ".join(f"{u}: {e}" for u, e in errors.items())
             raise PushError(f"init failed: {group_error or ''} {detail}".strip(), errors)
         self.init_responses = dict(zip(c.servers, results, strict=True))  # type: ignore[arg-type]
+        paths = {r.load_path for r in self.init_responses.values()}
+        if "kernel" in paths and len(paths) > 1:
+            self.close()
+            raise PushError(
+                f"servers chose different load paths {sorted(paths)}: the kernel layout needs all kernel"
+            )
         return self.init_responses
+
+    @property
+    def layout(self) -> str:
+        """`kernel` when the servers load runtime tensors (the trainer fuses), else `checkpoint`."""
+        paths = {r.load_path for r in self.init_responses.values()}
+        return "kernel" if paths == {"kernel"} else "checkpoint"
+
+    def _kernel_specs(
+        self, specs: list[tuple[str, torch.dtype, tuple[int, ...]]]
+    ) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+        fused = fuse_specs(specs)
+        for url, resp in self.init_responses.items():
+            runtime = [(t.name, t.dtype, t.shape) for t in resp.runtime_manifest or []]
+            problem = check_against_runtime(fused, runtime)
+            if problem:
+                raise KernelLayoutError(f"{url}: {problem}")
+        return fused
 
     # ------------------------------------------------------------------ push
 
@@ -214,13 +238,20 @@ class WeightBroadcaster:
         while True:
             t0 = time.perf_counter()
             chunk = next(chunks, None)
-            report.quantize_s += time.perf_counter() - t0
             if chunk is None:
+                report.quantize_s += time.perf_counter() - t0
                 return
-            yield from chunk.tensors
+            tensors = fuse_tensors(chunk.tensors) if self.layout == "kernel" else chunk.tensors
+            report.quantize_s += time.perf_counter() - t0
+            yield from tensors
 
-    def push(self, model: nn.Module, version: int, sync_id: str | None = None) -> PushReport:
-        """Send `model`'s weights as `version` to every server; returns when all servers answered."""
+    def push(
+        self, model: nn.Module, version: int, sync_id: str | None = None, *, arm: bool = True
+    ) -> PushReport:
+        """Send `model`'s weights as `version` to every server; returns when all servers answered.
+
+        With `arm=False` the servers' `/update_weights` is started by someone else (the orchestrator,
+        `rpc.orchestrator.SyncOrchestrator`): this only sends, and `report.servers` stays empty."""
         started = time.perf_counter()
         sync_id = sync_id or f"v{version}-{uuid.uuid4().hex[:8]}"
         report = PushReport(sync_id=sync_id, weights_version=version)
@@ -232,9 +263,15 @@ class WeightBroadcaster:
         assert self.group is not None
         c = self.config
         t0 = time.perf_counter()
-        specs = plan_stream(model, self.scheme, self.name_map, dtype=self._dtype)
+        specs = [
+            (s.name, s.dtype, s.shape)
+            for s in plan_stream(model, self.scheme, self.name_map, dtype=self._dtype)
+        ]
+        if self.layout == "kernel":
+            specs = self._kernel_specs(specs)
         header = make_header(
-            [(s.name, s.dtype, s.shape) for s in specs],
+            specs,
+            layout=self.layout,
             sync_id=sync_id,
             weights_version=version,
             scheme=self.scheme,
@@ -253,7 +290,7 @@ class WeightBroadcaster:
             finally:
                 await asyncio.gather(*(cl.aclose() for cl in clients))
 
-        http = _Background(arm_all)
+        http = _Background(arm_all) if arm else None
         sender = Sender(
             self.group,
             timeouts=Timeouts(
@@ -268,7 +305,7 @@ class WeightBroadcaster:
             report.wire = sender.send(header, self._timed_stream(model, report))
         except BroadcastError as exc:
             wire_error = exc
-        results = http.join(c.sync_timeout_s + 60)
+        results = http.join(c.sync_timeout_s + 60) if http is not None else [None] * len(c.servers)
         errors = {
             url: str(r) for url, r in zip(c.servers, results, strict=True) if isinstance(r, BaseException)
         }

@@ -90,9 +90,9 @@ if triton is not None:
         rows = pid_r.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = pid_c.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = (rows[:, None] < rows_total) & (cols[None, :] < cols_total)
-        x = tl.load(
-            x_ptr + rows[:, None] * stride_xr + cols[None, :] * stride_xc, mask=mask, other=0.0
-        ).to(tl.float32)
+        x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :] * stride_xc, mask=mask, other=0.0).to(
+            tl.float32
+        )
 
         abs_bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
         amax = tl.max(tl.max(abs_bits, axis=1), axis=0).to(tl.float32, bitcast=True)

@@ -131,6 +131,20 @@ def _compiled(core: Core) -> Core:
     return core
 
 
+def _fused_block(weight: torch.Tensor, scheme: QuantScheme) -> Core | None:
+    """HF-fp8 blocks (not ue8m0) of a CUDA weight go to the fused Triton kernel when it can run there:
+    same bits as `_vllm_block` on CUDA (tests/test_fp8_kernels.py), one read and one write."""
+    if not weight.is_cuda or scheme.kind != "fp8_block" or scheme.source == "compressed-tensors":
+        return None
+    if scheme.ue8m0_scale or scheme.block_size is None:
+        return None
+    from trainer_side import fp8_kernels
+
+    if not fp8_kernels.supports(weight, scheme.block_size):
+        return None
+    return partial(fp8_kernels.fp8_block_quant, block_size=scheme.block_size)
+
+
 def _scale_shape(rows: int, cols: int, scheme: QuantScheme) -> tuple[int, ...]:
     if scheme.kind == "fp8_block":
         assert scheme.block_size is not None
@@ -174,7 +188,8 @@ def quantize_weight(
 
     `{"weight": fp8 (out, in), scheme.weight_scale_name: float32 scale}`; an unquantized scheme
     returns the weight itself. `compiled=True` runs the HF-fp8 block math through `torch.compile`
-    with the same bits (off by default: on H100 it measured no faster than eager). Bits follow the
+    with the same bits (off by default: on H100 it measured no faster than eager). On CUDA,
+    HF-fp8 blocks (not ue8m0) run the fused Triton kernel of `fp8_kernels`, same bits. Bits follow the
     reference run on the same device: CUDA computes `t / 448.0` as `t * (1 / 448.0)`, CPU divides.
     `check_finite` raises `ValueError` on inf/NaN weights (seen in the scales, which any non-finite
     value poisons; costs one host sync).
@@ -182,7 +197,7 @@ def quantize_weight(
     if not scheme.quantized:
         return {"weight": weight}
     _check_input(tuple(weight.shape), weight.dtype)
-    core = _core(scheme)
+    core = _fused_block(weight, scheme) or _core(scheme)
     if compiled:
         core = _compiled(core)
     q, scale = core(weight)

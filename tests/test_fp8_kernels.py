@@ -1,0 +1,151 @@
+"""Tests for `trainer_side.fp8_kernels`: the fused Triton FP8 block quantizer is bit-identical to the torch
+reference (`quantize._vllm_block`, i.e. vLLM's `per_block_cast_to_fp8`) run on the same GPU.
+
+GPU tests skip without a CUDA device of sm_89+ (and Triton). On CPU the kernel's arithmetic still runs
+under Triton's interpreter, checked against the reference spelled with CUDA's `/ 448.0` semantics.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from configs.quant import QuantScheme
+from trainer_side import fp8_kernels
+from trainer_side.quantize import _fused_block, _vllm_block, quantize_weight
+
+ROOT = Path(__file__).resolve().parents[1]
+HF_BLOCK = QuantScheme(
+    kind="fp8_block",
+    block_size=(128, 128),
+    source="fp8",
+    weight_scale_name="weight_scale_inv",
+    scale_shape="2d",
+)
+needs_gpu = pytest.mark.skipif(
+    not fp8_kernels.available(), reason="needs a CUDA GPU with FP8 conversions (sm_89+) and Triton"
+)
+SHAPES = [(1, 1), (7, 4096), (129, 257), (300, 130), (128, 128), (1000, 3000), (4097, 1025)]
+
+
+def _inputs(shape: tuple[int, int], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(shape[0] * 7919 + shape[1])
+    x = torch.randn(shape, generator=g)
+    big = x.clone()
+    big[::128, ::128] = 1e4  # one outlier per block: most values land on fp8 subnormals
+    return {
+        "randn": x.to(dtype),
+        "zeros": torch.zeros(shape, dtype=dtype),
+        "tiny (amax < 1e-4)": (x * 1e-5).to(dtype),
+        "huge": (x * 1e37).to(dtype),
+        "outliers": big.to(dtype),
+    }
+
+
+def _same_bits(got: tuple[torch.Tensor, torch.Tensor], ref: tuple[torch.Tensor, torch.Tensor]) -> None:
+    (q, s), (rq, rs) = got, ref
+    assert q.dtype == rq.dtype == torch.float8_e4m3fn and s.dtype == rs.dtype == torch.float32
+    assert q.shape == rq.shape and s.shape == rs.shape
+    assert int((q.view(torch.uint8) != rq.view(torch.uint8)).sum()) == 0, "fp8 bytes differ"
+    assert int((s.view(torch.int32) != rs.view(torch.int32)).sum()) == 0, "scale words differ"
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_bit_identical_to_torch_on_cuda(shape: tuple[int, int], dtype: torch.dtype) -> None:
+    for name, x in _inputs(shape, dtype).items():
+        x = x.cuda()
+        ref = _vllm_block(x, 128, 128, False)
+        for soft in (True, False):
+            try:
+                _same_bits(fp8_kernels.fp8_block_quant(x, (128, 128), soft_cast=soft), ref)
+            except AssertionError as e:
+                raise AssertionError(f"{name}, soft_cast={soft}: {e}") from e
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_strided_input_and_other_blocks() -> None:
+    x = torch.randn(300, 130, device="cuda", dtype=torch.bfloat16)
+    _same_bits(fp8_kernels.fp8_block_quant(x.t()), _vllm_block(x.t(), 128, 128, False))
+    _same_bits(fp8_kernels.fp8_block_quant(x, (64, 32)), _vllm_block(x, 64, 32, False))
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_quantize_weight_dispatches_to_the_kernel() -> None:
+    x = torch.randn(4097, 1025, device="cuda", dtype=torch.bfloat16)
+    assert _fused_block(x, HF_BLOCK) is not None
+    assert _fused_block(x, HF_BLOCK.model_copy(update={"ue8m0_scale": True})) is None
+    out = quantize_weight(x, HF_BLOCK)
+    _same_bits((out["weight"], out["weight_scale_inv"]), _vllm_block(x, 128, 128, False))
+    bad = x.clone()
+    bad[5, 5] = float("inf")
+    with pytest.raises(ValueError, match="inf or NaN"):
+        quantize_weight(bad, HF_BLOCK)
+
+
+def test_cpu_weights_keep_the_eager_path() -> None:
+    x = torch.randn(129, 257, dtype=torch.bfloat16)
+    assert _fused_block(x, HF_BLOCK) is None
+    assert not fp8_kernels.supports(x, (128, 128))
+    with pytest.raises(ValueError, match="CUDA tensor"):
+        fp8_kernels.fp8_block_quant(x)
+
+
+_INTERPRETED = textwrap.dedent(
+    """
+    import torch
+    from trainer_side import fp8_kernels
+    from trainer_side.quantize import _pad_to_blocks
+
+    def cuda_ref(x):  # _vllm_block with CUDA's `/ 448.0`: a multiply by float32(1 / 448)
+        rows, cols = x.shape
+        padded = _pad_to_blocks(x, 128, 128)
+        blocks = padded.view(padded.shape[0] // 128, 128, padded.shape[1] // 128, 128)
+        amax = blocks.abs().float().amax(dim=(1, 3), keepdim=True).clamp(1e-4)
+        sf = amax * torch.tensor(fp8_kernels._INV_FP8_MAX, dtype=torch.float32)
+        q = (blocks * (1.0 / sf)).to(torch.float8_e4m3fn)
+        return q.view_as(padded)[:rows, :cols], sf.view(blocks.shape[0], blocks.shape[2])
+
+    every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    every = torch.where(torch.isfinite(every), every, torch.zeros_like(every)).view(256, 256)
+    g = torch.Generator().manual_seed(0)
+    cases = {
+        "randn bf16 129x257": torch.randn(129, 257, generator=g).bfloat16(),
+        "randn fp32 300x130": torch.randn(300, 130, generator=g),
+        "1x1": torch.randn(1, 1, generator=g),
+        "zeros": torch.zeros(129, 257),
+        "tiny": torch.randn(130, 130, generator=g) * 1e-40,
+        "every finite bf16": every,
+    }
+    for name, x in cases.items():
+        q = torch.empty(x.shape, dtype=torch.float8_e4m3fn)
+        sf = torch.empty(-(-x.shape[0] // 128), -(-x.shape[1] // 128))
+        fp8_kernels._launch(x, q, sf, (128, 128), soft_cast=True, num_warps=8)
+        rq, rs = cuda_ref(x)
+        dq = int((q.view(torch.uint8) != rq.view(torch.uint8)).sum())
+        ds = int((sf.view(torch.int32) != rs.view(torch.int32)).sum())
+        assert dq == ds == 0, f"{name}: {dq} fp8 bytes, {ds} scale words differ"
+    print("ok")
+    """
+)
+
+
+def test_kernel_arithmetic_under_the_triton_interpreter() -> None:
+    """The kernel's op sequence (bit-pattern amax, clamp, reciprocal, software fp8 cast) on CPU."""
+    if fp8_kernels.triton is None:
+        pytest.skip("triton is not installed")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-c", _INTERPRETED], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout + proc.stderr

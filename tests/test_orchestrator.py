@@ -1,0 +1,219 @@
+"""`SyncOrchestrator` against a real `layercast serve` (vLLM CPU build) over real HTTP and Gloo.
+
+One server per module (vLLM start-up costs ~40 s on CPU); tests run in file order and share it. The
+trainer sends with `WeightBroadcaster.push(..., arm=False)`; the orchestrator arms, waits and verifies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from configs.trainer import BroadcasterConfig
+from rpc.client import AsyncServerClient
+from rpc.demo import PROMPT, reference_greedy
+from rpc.launch import ServerProcess, free_port
+from rpc.orchestrator import PauseUnavailable, SyncError, SyncOrchestrator
+from trainer_side.broadcast import WeightBroadcaster
+from trainer_side.toy_models import perturb_, save_toy, toy_config, toy_model
+
+pytestmark = pytest.mark.slow
+TOKEN = "orchestrator-test-token"
+MAX_TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def trainer_model() -> torch.nn.Module:
+    return toy_model(toy_config("qwen3", torch.float32), seed=0)
+
+
+@pytest.fixture(scope="module")
+def server(
+    trainer_model: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    work = tmp_path_factory.mktemp("orchestrator")
+    model_dir = save_toy(trainer_model, work / "model")
+    proc = ServerProcess(
+        model_dir,
+        extra_args=[
+            "--dtype",
+            "float32",
+            "--max-model-len",
+            "256",
+            "--max-num-seqs",
+            "4",
+            "--enforce-eager",
+            "--served-model-name",
+            "toy",
+            "--kv-cache-memory-bytes",
+            str(64 * 2**20),
+        ],
+        log_path=work / "server.log",
+        token=TOKEN,
+    )
+    try:
+        proc.wait_ready(300)
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="module")
+def bc(server: ServerProcess) -> Iterator[WeightBroadcaster]:
+    b = WeightBroadcaster(
+        BroadcasterConfig(
+            servers=[server.url],
+            inference_config=str(Path(server.log_path).parent / "model"),
+            master_port=free_port(),
+            token=TOKEN,
+            bucket_bytes=256 * 1024,
+            step_timeout_s=30,
+            rendezvous_timeout_s=60,
+        )
+    )
+    b.init()
+    yield b
+    b.close()
+
+
+@pytest.fixture
+def orch(server: ServerProcess) -> SyncOrchestrator:
+    return SyncOrchestrator([server.url], token=TOKEN, timeout_s=60)
+
+
+def _weights(url: str) -> dict:
+    return httpx.get(url + "/weights").json()
+
+
+def _wait_not_syncing(url: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while _weights(url)["state"] == "syncing":
+        assert time.monotonic() < deadline, "server still syncing"
+        time.sleep(0.2)
+
+
+def _assert_serves(url: str, model: torch.nn.Module) -> None:
+    async def run() -> dict:
+        async with AsyncServerClient(url) as c:
+            return await c.complete_tokens("toy", PROMPT, MAX_TOKENS, logprobs=1)
+
+    choice = asyncio.run(run())["choices"][0]
+    ref_tokens, ref_lps = reference_greedy(model, PROMPT, MAX_TOKENS)
+    assert list(choice["token_ids"]) == ref_tokens
+    lps = [float(x) for x in choice["logprobs"]["token_logprobs"]]
+    assert max(abs(a - b) for a, b in zip(lps, ref_lps, strict=True)) < 1e-3
+
+
+def test_sync_steps_update_version_and_generation(
+    server: ServerProcess, bc: WeightBroadcaster, orch: SyncOrchestrator, trainer_model: torch.nn.Module
+) -> None:
+    for version in (1, 2):
+        perturb_(trainer_model, version)
+        sid = f"step-{version}"
+        report = orch.sync_step(
+            lambda v=version, s=sid: bc.push(trainer_model, v, sync_id=s, arm=False), sid, version
+        )
+        r = report.servers[server.url]
+        assert r.ok and r.action == "armed" and r.error is None
+        assert r.response is not None and r.response.weights_version == version
+        assert r.status is not None and r.status.last_sync_id == sid
+        assert report.trainer_result.sync_id == sid and report.trainer_result.servers == {}
+        assert report.total_s >= report.trainer_s > 0 and r.wall_s > 0
+        assert sid in report.summary()
+        assert _weights(server.url)["weights_version"] == version
+        _assert_serves(server.url, trainer_model)
+
+
+def test_retry_with_same_sync_id_is_not_reapplied(
+    server: ServerProcess, orch: SyncOrchestrator, trainer_model: torch.nn.Module
+) -> None:
+    before = _weights(server.url)
+    assert before["last_sync_id"] == "step-2"
+
+    def must_not_send() -> None:
+        raise AssertionError("the trainer was asked to send a sync every server already has")
+
+    report = orch.sync_step(must_not_send, "step-2", 2)
+    assert report.already_applied and report.servers[server.url].action == "skipped"
+    assert report.servers[server.url].ok
+    assert _weights(server.url)["last_timings"] == before["last_timings"]  # nothing ran again
+    _assert_serves(server.url, trainer_model)
+
+
+def test_running_receive_is_followed_not_reentered(
+    server: ServerProcess, bc: WeightBroadcaster, orch: SyncOrchestrator, trainer_model: torch.nn.Module
+) -> None:
+    perturb_(trainer_model, 3)
+
+    async def run() -> None:
+        first = await orch.arm("step-3", 3)
+        deadline = time.monotonic() + 30
+        while (await orch.statuses())[server.url].state != "syncing":
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        retry = await SyncOrchestrator([server.url], token=TOKEN, timeout_s=60).arm("step-3", 3)
+        assert retry.results[server.url].action == "joined"  # no second POST, so no 409
+        push = asyncio.to_thread(bc.push, trainer_model, 3, sync_id="step-3", arm=False)
+        a, b, _ = await asyncio.gather(first.wait(), retry.wait(), push)
+        assert a[server.url].ok and a[server.url].response is not None
+        assert b[server.url].ok and b[server.url].response is None
+        assert b[server.url].status is not None and b[server.url].status.weights_version == 3
+
+    asyncio.run(run())
+    _assert_serves(server.url, trainer_model)
+
+
+def test_unreachable_server_is_named_and_nothing_is_armed(server: ServerProcess) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    orch = SyncOrchestrator([server.url, dead], token=TOKEN, timeout_s=10, http_timeout_s=3)
+    with pytest.raises(SyncError) as info:
+        orch.sync_step(lambda: pytest.fail("must not send"), "step-x", 9)
+    assert dead in str(info.value) and set(info.value.failures) == {dead}
+    assert "unreachable" in info.value.failures[dead]
+    assert _weights(server.url)["state"] == "ready" and _weights(server.url)["weights_version"] == 3
+
+
+def test_pause_needs_dev_mode(server: ServerProcess, orch: SyncOrchestrator) -> None:
+    with pytest.raises(PauseUnavailable) as info:
+        orch.sync_step(lambda: pytest.fail("must not send"), "step-p", 9, pause="wait")
+    assert server.url in str(info.value) and "VLLM_SERVER_DEV_MODE=1" in str(info.value)
+    assert _weights(server.url)["state"] == "ready" and _weights(server.url)["weights_version"] == 3
+
+
+def test_server_timeout_is_named(server: ServerProcess) -> None:
+    orch = SyncOrchestrator([server.url], token=TOKEN, timeout_s=2)
+    with pytest.raises(SyncError) as info:
+        orch.sync_step(lambda: None, "step-lonely", 4)  # the "trainer" never sends
+    why = info.value.failures[server.url]
+    assert "504" in why and "header" in why and server.url in str(info.value)
+    assert _weights(server.url)["weights_version"] == 3
+
+
+def test_client_deadline_is_named(server: ServerProcess) -> None:
+    orch = SyncOrchestrator([server.url], token=TOKEN, timeout_s=3)
+
+    async def run() -> None:
+        handle = await orch.arm("step-slow", 4)
+        await handle.wait(timeout_s=0.5)
+
+    with pytest.raises(SyncError, match=r"timed out after 0\.5 s") as info:
+        asyncio.run(run())
+    assert set(info.value.failures) == {server.url}
+    _wait_not_syncing(server.url)  # the server's own 3 s timeout ends its receive
+
+
+def test_recovers_after_failures(
+    server: ServerProcess, bc: WeightBroadcaster, orch: SyncOrchestrator, trainer_model: torch.nn.Module
+) -> None:
+    bc.init()  # the timeouts aborted the group; re-join before arming (an armed server is busy)
+    perturb_(trainer_model, 4)
+    report = orch.sync_step(lambda: bc.push(trainer_model, 4, sync_id="step-4", arm=False), "step-4", 4)
+    assert report.servers[server.url].ok and _weights(server.url)["weights_version"] == 4
+    _assert_serves(server.url, trainer_model)
+
