@@ -195,7 +195,8 @@ def test_server_timeout_is_named(server: ServerProcess) -> None:
     assert _weights(server.url)["weights_version"] == 3
 
 
-def test_client_deadline_is_named(server: ServerProcess) -> None:
+def test_client_deadline_is_named(server: ServerProcess, bc: WeightBroadcaster) -> None:
+    bc.init()  # the server timeout above aborted the group: without one the server fails at once
     orch = SyncOrchestrator([server.url], token=TOKEN, timeout_s=3)
 
     async def run() -> None:

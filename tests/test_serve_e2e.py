@@ -237,3 +237,49 @@ def test_push_without_servers_listening_fails_clearly(tmp_path: Path, server: Se
     )
     with pytest.raises(PushError, match="cannot reach"):
         b.init()
+
+
+def test_trainer_failing_mid_sync_leaves_server_refusing_until_a_full_sync(
+    server: ServerProcess, bc: WeightBroadcaster, trainer_model: torch.nn.Module
+) -> None:
+    bc._ensure_group()
+    assert bc.group is not None
+    specs = plan_stream(trainer_model, bc.scheme)
+    header = make_header(
+        [(s.name, s.dtype, s.shape) for s in specs],
+        sync_id="doomed",
+        weights_version=4,
+        scheme=bc.scheme,
+        bucket_size=64 * 1024,
+    )
+
+    def dies_halfway() -> Iterator[tuple[str, torch.Tensor]]:
+        tensors = [t for c in iter_layer_chunks(trainer_model, bc.scheme) for t in c.tensors]
+        yield from tensors[: len(tensors) // 2]
+        raise RuntimeError("trainer crashed while quantizing")
+
+    answer: dict[str, httpx.Response] = {}
+
+    def arm() -> None:
+        answer["r"] = httpx.post(
+            server.url + "/update_weights",
+            headers=AUTH,
+            timeout=60,
+            json={"sync_id": "doomed", "weights_version": 4},
+        )
+
+    t = threading.Thread(target=arm)
+    t.start()
+    with pytest.raises(BroadcastError, match="trainer crashed"):
+        Sender(bc.group).send(header, dies_halfway())
+    t.join(60)
+    assert answer["r"].status_code == 502 and "trainer crashed" in answer["r"].text
+    status = httpx.get(server.url + "/weights").json()
+    assert status["state"] == "torn" and status["weights_version"] == 3
+    r = httpx.post(server.url + "/v1/completions", json={"model": "toy", "prompt": PROMPT, "max_tokens": 2})
+    assert r.status_code == 503 and "torn" in r.text
+    # A complete sync heals the server, in the same processes.
+    perturb_(trainer_model, 5)
+    bc.push(trainer_model, 5)
+    assert httpx.get(server.url + "/weights").json()["state"] == "ready"
+    _assert_serves(server.url, trainer_model)

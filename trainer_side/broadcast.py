@@ -123,6 +123,7 @@ class WeightBroadcaster:
         self.group: Group | None = None
         self.init_responses: dict[str, InitBroadcasterResponse] = {}
         self._dtype = getattr(torch, config.send_dtype) if config.send_dtype else None
+        self._kernel_rename: dict[str, str] = {}
 
     # ------------------------------------------------------------------ init
 
@@ -223,7 +224,13 @@ class WeightBroadcaster:
     def _kernel_specs(
         self, specs: list[tuple[str, torch.dtype, tuple[int, ...]]]
     ) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
-        fused = fuse_specs(specs)
+        # vLLM 0.26 nests routed experts one level deeper (`experts.routed_experts.w13_weight`) for
+        # some MoE layers: follow the names the worker reported.
+        runtime_names = {t.name for r in self.init_responses.values() for t in r.runtime_manifest or []}
+        self._kernel_rename = {
+            n.replace(".routed_experts.", "."): n for n in runtime_names if ".routed_experts." in n
+        }
+        fused = [(self._kernel_rename.get(n, n), d, s) for n, d, s in fuse_specs(specs)]
         for url, resp in self.init_responses.items():
             runtime = [(t.name, t.dtype, t.shape) for t in resp.runtime_manifest or []]
             problem = check_against_runtime(fused, runtime)
@@ -241,7 +248,9 @@ class WeightBroadcaster:
             if chunk is None:
                 report.quantize_s += time.perf_counter() - t0
                 return
-            tensors = fuse_tensors(chunk.tensors) if self.layout == "kernel" else chunk.tensors
+            tensors = chunk.tensors
+            if self.layout == "kernel":
+                tensors = [(self._kernel_rename.get(n, n), t) for n, t in fuse_tensors(chunk.tensors)]
             report.quantize_s += time.perf_counter() - t0
             yield from tensors
 
