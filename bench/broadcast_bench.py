@@ -160,6 +160,7 @@ def worker(rank: int, args: argparse.Namespace, port: int, queue: Any) -> None:
                 ):
                     assert name == got_name, (name, got_name)
                     dst.copy_(got)  # the "load": copy into a preallocated destination
+                got = dst = None  # hold no view past the sync (a staged tensor would stay allocated)
                 rep = incoming.finish()
             sync_dev()
             dt = time.perf_counter() - t0

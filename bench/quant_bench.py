@@ -294,7 +294,8 @@ def main() -> None:
             timed["torch_compile"] = impls["torch_compile"]
         for nw in (4, 8, 16):
             timed[f"triton_soft_w{nw}"] = triton_gpu(True, nw)
-        timed["triton_hw_w8"] = triton_gpu(False, 8)
+        for nw in (4, 8, 16):
+            timed[f"triton_hw_w{nw}"] = triton_gpu(False, nw)
         result["perf"] = perf(say, timed)
         x = torch.randn(16384, 16384, device="cuda", dtype=torch.bfloat16)
         say("\n== peak extra GPU memory for one 16384x16384 bf16 call (bytes beyond input) ==")

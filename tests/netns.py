@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import os
 import re
 import shutil
@@ -118,12 +119,22 @@ class VirtualNetwork:
                 _ip("-n", ns, "addr", "add", f"{address}/24", "dev", inner)
                 _ip("-n", ns, "link", "set", inner, "up")
                 self.hosts[name] = Host(name, ns, inner, address)
+        except RuntimeError as exc:  # veth/bridge refused: the environment, not the code under test
+            self.close()
+            raise NetnsUnavailable(f"cannot build the virtual network: {exc}") from exc
         except BaseException:
             self.close()
             raise
 
     def __getitem__(self, name: str) -> Host:
         return self.hosts[name]
+
+    def counters(self, name: str) -> tuple[int, int]:
+        """(rx, tx) bytes of a host's veth so far: proof that traffic crossed the virtual network."""
+        host = self.hosts[name]
+        out = _ip("-n", host.netns, "-j", "-s", "link", "show", host.ifname).stdout
+        stats = json.loads(out)[0]["stats64"]
+        return int(stats["rx"]["bytes"]), int(stats["tx"]["bytes"])
 
     def close(self) -> None:
         """Delete every namespace (and with it its veth) and the bridge; safe to call twice."""

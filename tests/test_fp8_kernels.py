@@ -144,7 +144,8 @@ def test_kernel_arithmetic_under_the_triton_interpreter() -> None:
     """The kernel's op sequence (bit-pattern amax, clamp, reciprocal, software fp8 cast) on CPU."""
     if fp8_kernels.triton is None:
         pytest.skip("triton is not installed")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
     proc = subprocess.run(
         [sys.executable, "-c", _INTERPRETED], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
     )

@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # when run as a script inside the trainer namespace
     sys.path.insert(0, str(REPO))
 
-from netns import Host, NetnsUnavailable, VirtualNetwork  # noqa: E402
+from tests.netns import Host, NetnsUnavailable, VirtualNetwork  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.netns]
 TOKEN = "multinode-test-token"
@@ -168,6 +168,7 @@ def test_syncs_across_namespaces(cluster: Cluster) -> None:
         sys.executable, str(Path(__file__).resolve()), "--master-address", trainer.address,
         "--model-dir", str(cluster.model_dir), "--out", str(out), *cluster.urls,
     )  # fmt: skip
+    rx_before = {name: cluster.net.counters(name)[0] for name in ("inf0", "inf1")}
     started = time.monotonic()
     proc = subprocess.run(argv, cwd=REPO, env=_env(trainer), capture_output=True, text=True, timeout=240)
     elapsed = time.monotonic() - started
@@ -177,6 +178,11 @@ def test_syncs_across_namespaces(cluster: Cluster) -> None:
         f"{proc.stderr[-6000:]}\n{server_logs}"
     )
     result = json.loads(out.read_text())
+    # Every sync's payload crossed each inference host's veth (Gloo over the virtual network, not lo):
+    # inf0 took 5 syncs (one through its own group), inf1 took 4.
+    for name, syncs in (("inf0", STEPS + 2), ("inf1", STEPS + 1)):
+        rx = cluster.net.counters(name)[0] - rx_before[name]
+        assert rx > syncs * result["bytes_per_sync"], (name, rx, result["bytes_per_sync"])
     # The group really spans the namespaces: the servers' ranks come from the trainer's init over HTTP.
     assert sorted(r for ranks in result["init_ranks"].values() for r in ranks) == [1, 2]
     assert [s["version"] for s in result["steps"]] == [*range(1, STEPS + 1), STEPS + 1]
@@ -265,7 +271,9 @@ def trainer_main(argv: list[str]) -> int:
         perturb_(model, version)
         sid = f"mn-{version}"
         if version == 1:
-            result["summaries"].append(bc.push(model, version, sync_id=sid).summary())
+            push = bc.push(model, version, sync_id=sid)
+            result["bytes_per_sync"] = push.bytes_sent
+            result["summaries"].append(push.summary())
         else:
             report = orch.sync_step(
                 lambda v=version, s=sid: bc.push(model, v, sync_id=s, arm=False), sid, version
