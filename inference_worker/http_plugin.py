@@ -35,7 +35,14 @@ class LayercastEndpointPlugin:
         return self.backend
 
     def attach_router(self, app: FastAPI) -> None:
+        before = len(app.router.routes)
         app.include_router(build_router(self._backend, os.environ.get(TOKEN_ENV) or None))
+        # Starlette takes the first matching route: put ours first, so that with VLLM_SERVER_DEV_MODE=1
+        # layercast's /update_weights wins over vLLM's weight-transfer route of the same path (its
+        # /pause, /resume and the rest stay available).
+        ours = app.router.routes[before:]
+        del app.router.routes[before:]
+        app.router.routes[:0] = ours
 
         @app.middleware("http")
         async def refuse_torn_model(request: Request, call_next: Any) -> Any:

@@ -21,7 +21,7 @@ from rich.table import Table
 
 from configs.trainer import BroadcasterConfig
 from rpc.client import AsyncServerClient
-from rpc.launch import ServerProcess, free_port
+from rpc.launch import ServerProcess, free_port, tiny_model_serve_args
 from trainer_side.broadcast import WeightBroadcaster
 from trainer_side.toy_models import perturb_, save_toy, toy_config, toy_model
 
@@ -91,19 +91,7 @@ def main(argv: list[str]) -> int:
     servers = [
         ServerProcess(
             model_dir,
-            extra_args=[
-                "--dtype",
-                "float32",
-                "--max-model-len",
-                "256",
-                "--max-num-seqs",
-                "4",
-                "--enforce-eager",
-                "--served-model-name",
-                "toy",
-                "--gpu-memory-utilization",
-                "0.3",
-            ],
+            extra_args=tiny_model_serve_args(),
             log_path=work / f"server{i}.log",
         )
         for i in range(args.servers)

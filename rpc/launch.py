@@ -14,6 +14,14 @@ from pathlib import Path
 import httpx
 
 
+def tiny_model_serve_args(served_name: str = "toy", kv_cache_bytes: int = 64 * 2**20) -> list[str]:
+    """`vllm serve` arguments for the built-in tiny models on CPU (fp32, short context, small KV cache)."""
+    return [
+        "--dtype", "float32", "--max-model-len", "256", "--max-num-seqs", "4", "--enforce-eager",
+        "--served-model-name", served_name, "--kv-cache-memory-bytes", str(kv_cache_bytes),
+    ]  # fmt: skip
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))

@@ -14,55 +14,41 @@ import torch
 
 from configs.trainer import BroadcasterConfig
 from rpc.launch import ServerProcess, free_port
-from tests.test_serve_e2e import _assert_serves
+from rpc.orchestrator import SyncOrchestrator
+from tests.toy_server import assert_serves, model_dir, start_toy_server
 from trainer_side.broadcast import WeightBroadcaster
 from trainer_side.kernel_layout import KernelLayoutError, fuse_specs
-from trainer_side.toy_models import perturb_, save_toy, toy_config, toy_model
+from trainer_side.toy_models import perturb_, toy_config, toy_model
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def model() -> torch.nn.Module:
+def trainer_model() -> torch.nn.Module:
     return toy_model(toy_config("qwen3", torch.float32), seed=1)
 
 
 @pytest.fixture(scope="module")
-def server(model: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    work = tmp_path_factory.mktemp("paths")
-    proc = ServerProcess(
-        save_toy(model, work / "model"),
-        extra_args=[
-            "--dtype",
-            "float32",
-            "--max-model-len",
-            "256",
-            "--max-num-seqs",
-            "4",
-            "--enforce-eager",
-            "--served-model-name",
-            "toy",
-            "--kv-cache-memory-bytes",
-            str(64 * 2**20),
-        ],
-        env={"LAYERCAST_CPU_PLAIN_LINEAR": "1"},
-        log_path=work / "server.log",
+def server(
+    trainer_model: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    proc = start_toy_server(
+        trainer_model,
+        tmp_path_factory.mktemp("paths"),
+        env={"LAYERCAST_CPU_PLAIN_LINEAR": "1", "VLLM_SERVER_DEV_MODE": "1"},
     )
-    try:
-        proc.wait_ready(300)
-        yield proc
-    finally:
-        proc.stop()
+    yield proc
+    proc.stop()
 
 
 @pytest.mark.parametrize("path", ["kernel", "checkpoint", "layerwise"])
 def test_path_syncs_and_serves_the_new_weights(
-    server: ServerProcess, model: torch.nn.Module, path: str
+    server: ServerProcess, trainer_model: torch.nn.Module, path: str
 ) -> None:
     bc = WeightBroadcaster(
         BroadcasterConfig(
             servers=[server.url],
-            inference_config=str(server.log_path.parent / "model"),
+            inference_config=model_dir(server),
             master_port=free_port(),
             load_path=path,
             bucket_bytes=128 * 1024,
@@ -72,10 +58,10 @@ def test_path_syncs_and_serves_the_new_weights(
         assert bc.init()[server.url].load_path == path
         assert bc.layout == ("kernel" if path == "kernel" else "checkpoint")
         for step in (1, 2):
-            perturb_(model, 100 * len(path) + step)
-            report = bc.push(model, step)
+            perturb_(trainer_model, 100 * len(path) + step)
+            report = bc.push(trainer_model, step)
             assert report.servers[server.url].load_path == path
-            _assert_serves(server.url, model)
+            assert_serves(server.url, trainer_model)
         assert httpx.get(server.url + "/weights").json()["load_path"] == path
     finally:
         bc.close()
@@ -102,3 +88,29 @@ def test_fusion_of_moe_and_attention_specs() -> None:
     ]
     with pytest.raises(KernelLayoutError, match="per-tensor"):
         fuse_specs([("a.q_proj.weight_scale", f32, ()), ("a.k_proj.weight_scale", f32, ())])
+
+
+def test_pause_and_resume_around_a_sync_with_vllm_dev_routes(
+    server: ServerProcess, trainer_model: torch.nn.Module
+) -> None:
+    """With VLLM_SERVER_DEV_MODE=1 vLLM has its own POST /update_weights; ours must still answer it."""
+    bc = WeightBroadcaster(
+        BroadcasterConfig(
+            servers=[server.url],
+            inference_config=model_dir(server),
+            master_port=free_port(),
+            load_path="layerwise",
+        )
+    )
+    try:
+        bc.init()
+        perturb_(trainer_model, 4242)
+        orch = SyncOrchestrator([server.url])
+        report = orch.sync_step(
+            lambda: bc.push(trainer_model, 42, sync_id="paused-42", arm=False), "paused-42", 42, pause="keep"
+        )
+        assert report.servers[server.url].response.weights_version == 42
+        assert httpx.get(server.url + "/is_paused").json()["is_paused"] is False
+        assert_serves(server.url, trainer_model)
+    finally:
+        bc.close()

@@ -9,23 +9,20 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 import torch
 
 from configs.trainer import BroadcasterConfig
-from rpc.client import AsyncServerClient
-from rpc.demo import PROMPT, reference_greedy
 from rpc.launch import ServerProcess, free_port
 from rpc.orchestrator import PauseUnavailable, SyncError, SyncOrchestrator
+from tests.toy_server import assert_serves, model_dir, start_toy_server
 from trainer_side.broadcast import WeightBroadcaster
-from trainer_side.toy_models import perturb_, save_toy, toy_config, toy_model
+from trainer_side.toy_models import perturb_, toy_config, toy_model
 
 pytestmark = pytest.mark.slow
 TOKEN = "orchestrator-test-token"
-MAX_TOKENS = 6
 
 
 @pytest.fixture(scope="module")
@@ -37,31 +34,9 @@ def trainer_model() -> torch.nn.Module:
 def server(
     trainer_model: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
-    work = tmp_path_factory.mktemp("orchestrator")
-    model_dir = save_toy(trainer_model, work / "model")
-    proc = ServerProcess(
-        model_dir,
-        extra_args=[
-            "--dtype",
-            "float32",
-            "--max-model-len",
-            "256",
-            "--max-num-seqs",
-            "4",
-            "--enforce-eager",
-            "--served-model-name",
-            "toy",
-            "--kv-cache-memory-bytes",
-            str(64 * 2**20),
-        ],
-        log_path=work / "server.log",
-        token=TOKEN,
-    )
-    try:
-        proc.wait_ready(300)
-        yield proc
-    finally:
-        proc.stop()
+    proc = start_toy_server(trainer_model, tmp_path_factory.mktemp("orchestrator"), token=TOKEN)
+    yield proc
+    proc.stop()
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +44,7 @@ def bc(server: ServerProcess) -> Iterator[WeightBroadcaster]:
     b = WeightBroadcaster(
         BroadcasterConfig(
             servers=[server.url],
-            inference_config=str(Path(server.log_path).parent / "model"),
+            inference_config=model_dir(server),
             master_port=free_port(),
             token=TOKEN,
             bucket_bytes=256 * 1024,
@@ -98,18 +73,6 @@ def _wait_not_syncing(url: str, timeout_s: float = 60) -> None:
         time.sleep(0.2)
 
 
-def _assert_serves(url: str, model: torch.nn.Module) -> None:
-    async def run() -> dict:
-        async with AsyncServerClient(url) as c:
-            return await c.complete_tokens("toy", PROMPT, MAX_TOKENS, logprobs=1)
-
-    choice = asyncio.run(run())["choices"][0]
-    ref_tokens, ref_lps = reference_greedy(model, PROMPT, MAX_TOKENS)
-    assert list(choice["token_ids"]) == ref_tokens
-    lps = [float(x) for x in choice["logprobs"]["token_logprobs"]]
-    assert max(abs(a - b) for a, b in zip(lps, ref_lps, strict=True)) < 1e-3
-
-
 def test_sync_steps_update_version_and_generation(
     server: ServerProcess, bc: WeightBroadcaster, orch: SyncOrchestrator, trainer_model: torch.nn.Module
 ) -> None:
@@ -127,7 +90,7 @@ def test_sync_steps_update_version_and_generation(
         assert report.total_s >= report.trainer_s > 0 and r.wall_s > 0
         assert sid in report.summary()
         assert _weights(server.url)["weights_version"] == version
-        _assert_serves(server.url, trainer_model)
+        assert_serves(server.url, trainer_model)
 
 
 def test_retry_with_same_sync_id_is_not_reapplied(
@@ -143,7 +106,7 @@ def test_retry_with_same_sync_id_is_not_reapplied(
     assert report.already_applied and report.servers[server.url].action == "skipped"
     assert report.servers[server.url].ok
     assert _weights(server.url)["last_timings"] == before["last_timings"]  # nothing ran again
-    _assert_serves(server.url, trainer_model)
+    assert_serves(server.url, trainer_model)
 
 
 def test_running_receive_is_followed_not_reentered(
@@ -166,7 +129,7 @@ def test_running_receive_is_followed_not_reentered(
         assert b[server.url].status is not None and b[server.url].status.weights_version == 3
 
     asyncio.run(run())
-    _assert_serves(server.url, trainer_model)
+    assert_serves(server.url, trainer_model)
 
 
 def test_unreachable_server_is_named_and_nothing_is_armed(server: ServerProcess) -> None:
@@ -216,5 +179,4 @@ def test_recovers_after_failures(
     perturb_(trainer_model, 4)
     report = orch.sync_step(lambda: bc.push(trainer_model, 4, sync_id="step-4", arm=False), "step-4", 4)
     assert report.servers[server.url].ok and _weights(server.url)["weights_version"] == 4
-    _assert_serves(server.url, trainer_model)
-
+    assert_serves(server.url, trainer_model)

@@ -5,7 +5,6 @@ One server per module (vLLM start-up costs ~40 s on CPU); tests run in file orde
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from collections.abc import Iterator
@@ -19,17 +18,16 @@ from broadcaster.errors import BroadcastError
 from broadcaster.framing import make_header
 from broadcaster.sender import Sender
 from configs.trainer import BroadcasterConfig
-from rpc.client import AsyncServerClient
-from rpc.demo import PROMPT, reference_greedy
+from rpc.demo import PROMPT
 from rpc.launch import ServerProcess, free_port
+from tests.toy_server import assert_serves, generate, model_dir, start_toy_server
 from trainer_side.broadcast import PushError, WeightBroadcaster
-from trainer_side.toy_models import perturb_, save_toy, toy_config, toy_model
+from trainer_side.toy_models import perturb_, toy_config, toy_model
 from trainer_side.walker import iter_layer_chunks, plan_stream
 
 pytestmark = pytest.mark.slow
 TOKEN = "s3cret-token-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-MAX_TOKENS = 6
 
 
 @pytest.fixture(scope="module")
@@ -41,31 +39,9 @@ def trainer_model() -> torch.nn.Module:
 def server(
     trainer_model: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
-    work = tmp_path_factory.mktemp("serve")
-    model_dir = save_toy(trainer_model, work / "model")
-    proc = ServerProcess(
-        model_dir,
-        extra_args=[
-            "--dtype",
-            "float32",
-            "--max-model-len",
-            "256",
-            "--max-num-seqs",
-            "4",
-            "--enforce-eager",
-            "--served-model-name",
-            "toy",
-            "--kv-cache-memory-bytes",
-            str(64 * 2**20),
-        ],
-        log_path=work / "server.log",
-        token=TOKEN,
-    )
-    try:
-        proc.wait_ready(300)
-        yield proc
-    finally:
-        proc.stop()
+    proc = start_toy_server(trainer_model, tmp_path_factory.mktemp("serve"), token=TOKEN)
+    yield proc
+    proc.stop()
 
 
 @pytest.fixture(scope="module")
@@ -84,22 +60,6 @@ def bc(server: ServerProcess) -> Iterator[WeightBroadcaster]:
     )
     yield b
     b.close()
-
-
-def _generate(url: str) -> tuple[list[int], list[float]]:
-    async def run() -> dict:
-        async with AsyncServerClient(url) as c:
-            return await c.complete_tokens("toy", PROMPT, MAX_TOKENS, logprobs=1)
-
-    choice = asyncio.run(run())["choices"][0]
-    return list(choice["token_ids"]), [float(x) for x in choice["logprobs"]["token_logprobs"]]
-
-
-def _assert_serves(url: str, model: torch.nn.Module) -> None:
-    tokens, lps = _generate(url)
-    ref_tokens, ref_lps = reference_greedy(model, PROMPT, MAX_TOKENS)
-    assert tokens == ref_tokens
-    assert max(abs(a - b) for a, b in zip(lps, ref_lps, strict=True)) < 1e-3
 
 
 def test_admin_routes_need_the_token(server: ServerProcess) -> None:
@@ -158,13 +118,13 @@ def test_sync_updates_generation(
         assert report.bytes_sent == sum(p.numel() * p.element_size() for p in trainer_model.parameters())
         status = httpx.get(server.url + "/weights").json()
         assert status["weights_version"] == version and status["state"] == "ready"
-        _assert_serves(server.url, trainer_model)
+        assert_serves(server.url, trainer_model)
 
 
 def test_mismatched_sync_id_is_refused_and_nothing_changes(
     server: ServerProcess, bc: WeightBroadcaster, trainer_model: torch.nn.Module
 ) -> None:
-    before = _generate(server.url)
+    before = generate(server.url)
     changed = toy_model(toy_config("qwen3", torch.float32), seed=7)
     specs = plan_stream(changed, bc.scheme)
     header = make_header(
@@ -193,7 +153,7 @@ def test_mismatched_sync_id_is_refused_and_nothing_changes(
     assert answer["r"].status_code == 409 and "trainer-side" in answer["r"].text
     status = httpx.get(server.url + "/weights").json()
     assert status["weights_version"] == 2 and status["state"] == "ready"
-    assert _generate(server.url) == before
+    assert generate(server.url) == before
 
 
 def test_second_concurrent_update_is_409_then_recovers(
@@ -223,14 +183,14 @@ def test_second_concurrent_update_is_409_then_recovers(
     perturb_(trainer_model, 3)
     report = bc.push(trainer_model, 3)
     assert report.servers[server.url].weights_version == 3
-    _assert_serves(server.url, trainer_model)
+    assert_serves(server.url, trainer_model)
 
 
 def test_push_without_servers_listening_fails_clearly(tmp_path: Path, server: ServerProcess) -> None:
     b = WeightBroadcaster(
         BroadcasterConfig(
             servers=[f"http://127.0.0.1:{free_port()}"],
-            inference_config=str(Path(server.log_path).parent / "model"),
+            inference_config=model_dir(server),
             master_port=free_port(),
             http_timeout_s=2,
         )
@@ -282,4 +242,4 @@ def test_trainer_failing_mid_sync_leaves_server_refusing_until_a_full_sync(
     perturb_(trainer_model, 5)
     bc.push(trainer_model, 5)
     assert httpx.get(server.url + "/weights").json()["state"] == "ready"
-    _assert_serves(server.url, trainer_model)
+    assert_serves(server.url, trainer_model)
