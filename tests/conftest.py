@@ -39,8 +39,13 @@ class TinyModel:
 
 def _config(kind: str) -> Any:
     common: dict[str, Any] = dict(
-        vocab_size=VOCAB, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=256, tie_word_embeddings=False,
+        vocab_size=VOCAB,
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
     )
     if kind == "llama":
         from transformers import LlamaConfig
@@ -53,8 +58,15 @@ def _config(kind: str) -> Any:
     if kind == "qwen3_moe":
         from transformers import Qwen3MoeConfig
 
-        return Qwen3MoeConfig(intermediate_size=128, moe_intermediate_size=64, num_experts=4,
-                              num_experts_per_tok=2, head_dim=64, decoder_sparse_step=1, **common)
+        return Qwen3MoeConfig(
+            intermediate_size=128,
+            moe_intermediate_size=64,
+            num_experts=4,
+            num_experts_per_tok=2,
+            head_dim=64,
+            decoder_sparse_step=1,
+            **common,
+        )
     raise ValueError(kind)
 
 
@@ -88,9 +100,16 @@ def start_llm(model_dir: Path, **kwargs: Any) -> Any:
     from vllm import LLM
 
     return LLM(
-        model=str(model_dir), skip_tokenizer_init=True, dtype="float32", max_model_len=128,
-        enforce_eager=True, max_num_seqs=4, seed=0, kv_cache_memory_bytes=64 << 20,
-        worker_extension_cls="inference_worker.extension.LayercastWorkerExtension", **kwargs,
+        model=str(model_dir),
+        skip_tokenizer_init=True,
+        dtype="float32",
+        max_model_len=128,
+        enforce_eager=True,
+        max_num_seqs=4,
+        seed=0,
+        kv_cache_memory_bytes=64 << 20,
+        worker_extension_cls="inference_worker.extension.LayercastWorkerExtension",
+        **kwargs,
     )
 
 

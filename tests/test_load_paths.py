@@ -32,7 +32,8 @@ def hf_to_runtime_llama(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             out[name.replace("q_proj", "qkv_proj")] = torch.cat([t, k, v]).contiguous()
         elif ".mlp.gate_proj." in name:
             out[name.replace("gate_proj", "gate_up_proj")] = torch.cat(
-                [t, sd[name.replace("gate_proj", "up_proj")]]).contiguous()
+                [t, sd[name.replace("gate_proj", "up_proj")]]
+            ).contiguous()
         else:
             out[name] = t
     return out
@@ -58,8 +59,9 @@ class Engine:
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_models: dict[str, TinyModel], plain_cpu_linear: None,
-           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
+def engine(
+    tiny_models: dict[str, TinyModel], plain_cpu_linear: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Engine]:
     llm = start_llm(tiny_models["llama"].dir_b)
     try:
         yield Engine(llm, tiny_models["llama"], tmp_path_factory.mktemp("load_paths"))

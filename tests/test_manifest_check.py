@@ -24,9 +24,20 @@ from tests.conftest import TinyModel, start_llm, stop_llm
 pytestmark = pytest.mark.slow
 
 Entry = tuple[str, str, tuple[int, ...]]
-SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-                      "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32",
-                      "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+SAFETENSORS_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
 
 
 def header_manifest(path: Path) -> list[Entry]:
@@ -89,14 +100,21 @@ def test_real_checkpoint_accepted(engine: Engine) -> None:
 def test_renamed_tensor_refused(engine: Engine) -> None:
     name = "model.layers.1.self_attn.q_proj.weight"
     bad = _replace(engine.manifest, name, name="model.layers.1.self_attn.query_proj.weight")
-    engine.refused(bad, "model.layers.1.self_attn.query_proj.weight: unknown tensor", "(2 problems)",
-                   "model.layers.1.self_attn.qkv_proj.weight: no entry covers its part(s) q_proj")
+    engine.refused(
+        bad,
+        "model.layers.1.self_attn.query_proj.weight: unknown tensor",
+        "(2 problems)",
+        "model.layers.1.self_attn.qkv_proj.weight: no entry covers its part(s) q_proj",
+    )
 
 
 def test_missing_layer_refused(engine: Engine) -> None:
     bad = [e for e in engine.manifest if not e[0].startswith("model.layers.1.")]
-    msg = engine.refused(bad, "model.layers.1.self_attn.qkv_proj.weight: no entry covers it",
-                         "model.layers.1.input_layernorm.weight")
+    msg = engine.refused(
+        bad,
+        "model.layers.1.self_attn.qkv_proj.weight: no entry covers it",
+        "model.layers.1.input_layernorm.weight",
+    )
     assert "model.layers.0." not in msg
 
 
@@ -133,9 +151,11 @@ def test_moe_experts(engine: Engine) -> None:
         pytest.skip("MoE only")
     down = "model.layers.1.mlp.experts.3.down_proj.weight"  # [hidden, moe_intermediate] = [128, 64]
     engine.refused(_replace(engine.manifest, down, shape=(128, 32)), f"{down}: shape [128, 32]")
-    engine.refused(_replace(engine.manifest, down, name="model.layers.1.mlp.experts.4.down_proj.weight"),
-                   "model.layers.1.mlp.experts.4.down_proj.weight: unknown tensor",
-                   "model.layers.1.mlp.experts.routed_experts.w2_weight: no entry covers 1 expert shards "
-                   "(experts.3.down_proj. w2)")
+    engine.refused(
+        _replace(engine.manifest, down, name="model.layers.1.mlp.experts.4.down_proj.weight"),
+        "model.layers.1.mlp.experts.4.down_proj.weight: unknown tensor",
+        "model.layers.1.mlp.experts.routed_experts.w2_weight: no entry covers 1 expert shards "
+        "(experts.3.down_proj. w2)",
+    )
     gate = "model.layers.0.mlp.experts.0.gate_proj.weight"
     engine.refused(_replace(engine.manifest, gate, dtype="float8_e4m3fn"), f"{gate}: dtype float8_e4m3fn")

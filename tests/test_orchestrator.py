@@ -14,10 +14,9 @@ import httpx
 import pytest
 import torch
 
-from configs.trainer import BroadcasterConfig
 from rpc.launch import ServerProcess, free_port
 from rpc.orchestrator import PauseUnavailable, SyncError, SyncOrchestrator
-from tests.toy_server import assert_serves, model_dir, start_toy_server
+from tests.toy_server import assert_serves, start_toy_server, toy_broadcaster
 from trainer_side.broadcast import WeightBroadcaster
 from trainer_side.toy_models import perturb_, toy_config, toy_model
 
@@ -41,17 +40,7 @@ def server(
 
 @pytest.fixture(scope="module")
 def bc(server: ServerProcess) -> Iterator[WeightBroadcaster]:
-    b = WeightBroadcaster(
-        BroadcasterConfig(
-            servers=[server.url],
-            inference_config=model_dir(server),
-            master_port=free_port(),
-            token=TOKEN,
-            bucket_bytes=256 * 1024,
-            step_timeout_s=30,
-            rendezvous_timeout_s=60,
-        )
-    )
+    b = toy_broadcaster(server, TOKEN)
     b.init()
     yield b
     b.close()

@@ -5,7 +5,6 @@ One server per module (vLLM start-up costs ~40 s on CPU); tests run in file orde
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +19,14 @@ from broadcaster.sender import Sender
 from configs.trainer import BroadcasterConfig
 from rpc.demo import PROMPT
 from rpc.launch import ServerProcess, free_port
-from tests.toy_server import assert_serves, generate, model_dir, start_toy_server
+from tests.toy_server import (
+    BackgroundPost,
+    assert_serves,
+    generate,
+    model_dir,
+    start_toy_server,
+    toy_broadcaster,
+)
 from trainer_side.broadcast import PushError, WeightBroadcaster
 from trainer_side.toy_models import perturb_, toy_config, toy_model
 from trainer_side.walker import iter_layer_chunks, plan_stream
@@ -46,18 +52,7 @@ def server(
 
 @pytest.fixture(scope="module")
 def bc(server: ServerProcess) -> Iterator[WeightBroadcaster]:
-    model_dir = Path(server.log_path).parent / "model"
-    b = WeightBroadcaster(
-        BroadcasterConfig(
-            servers=[server.url],
-            inference_config=str(model_dir),
-            master_port=free_port(),
-            token=TOKEN,
-            bucket_bytes=256 * 1024,
-            step_timeout_s=30,
-            rendezvous_timeout_s=60,
-        )
-    )
+    b = toy_broadcaster(server, TOKEN)
     yield b
     b.close()
 
@@ -134,23 +129,14 @@ def test_mismatched_sync_id_is_refused_and_nothing_changes(
         scheme=bc.scheme,
         bucket_size=256 * 1024,
     )
-    answer: dict[str, httpx.Response] = {}
-
-    def arm() -> None:
-        answer["r"] = httpx.post(
-            server.url + "/update_weights",
-            headers=AUTH,
-            timeout=60,
-            json={"sync_id": "server-side", "weights_version": 9},
-        )
-
-    t = threading.Thread(target=arm)
-    t.start()
+    armed = BackgroundPost(
+        server.url + "/update_weights", {"sync_id": "server-side", "weights_version": 9}, TOKEN
+    )
     assert bc.group is not None
     with pytest.raises(BroadcastError, match="server-side"):
         Sender(bc.group).send(header, (t for c in iter_layer_chunks(changed, bc.scheme) for t in c.tensors))
-    t.join(60)
-    assert answer["r"].status_code == 409 and "trainer-side" in answer["r"].text
+    answer = armed.response()
+    assert answer.status_code == 409 and "trainer-side" in answer.text
     status = httpx.get(server.url + "/weights").json()
     assert status["weights_version"] == 2 and status["state"] == "ready"
     assert generate(server.url) == before
@@ -159,25 +145,16 @@ def test_mismatched_sync_id_is_refused_and_nothing_changes(
 def test_second_concurrent_update_is_409_then_recovers(
     server: ServerProcess, bc: WeightBroadcaster, trainer_model: torch.nn.Module
 ) -> None:
-    first: dict[str, httpx.Response] = {}
-
-    def arm() -> None:  # nobody sends: this one times out waiting for the header
-        first["r"] = httpx.post(
-            server.url + "/update_weights",
-            headers=AUTH,
-            timeout=60,
-            json={"sync_id": "lonely", "weights_version": 3, "timeout_s": 3},
-        )
-
-    t = threading.Thread(target=arm)
-    t.start()
+    # Nobody sends for this one: it times out waiting for the header.
+    lonely = {"sync_id": "lonely", "weights_version": 3, "timeout_s": 3}
+    first = BackgroundPost(server.url + "/update_weights", lonely, TOKEN)
     time.sleep(0.5)
     r = httpx.post(
         server.url + "/update_weights", headers=AUTH, json={"sync_id": "second", "weights_version": 3}
     )
     assert r.status_code == 409 and "in progress" in r.text
-    t.join(60)
-    assert first["r"].status_code == 504 and "header" in first["r"].text
+    answer = first.response()
+    assert answer.status_code == 504 and "header" in answer.text
     assert httpx.get(server.url + "/weights").json()["state"] == "ready"  # nothing was loaded
     # The group was aborted by the timeout: the next push re-joins everyone and succeeds.
     perturb_(trainer_model, 3)
@@ -218,22 +195,11 @@ def test_trainer_failing_mid_sync_leaves_server_refusing_until_a_full_sync(
         yield from tensors[: len(tensors) // 2]
         raise RuntimeError("trainer crashed while quantizing")
 
-    answer: dict[str, httpx.Response] = {}
-
-    def arm() -> None:
-        answer["r"] = httpx.post(
-            server.url + "/update_weights",
-            headers=AUTH,
-            timeout=60,
-            json={"sync_id": "doomed", "weights_version": 4},
-        )
-
-    t = threading.Thread(target=arm)
-    t.start()
+    armed = BackgroundPost(server.url + "/update_weights", {"sync_id": "doomed", "weights_version": 4}, TOKEN)
     with pytest.raises(BroadcastError, match="trainer crashed"):
         Sender(bc.group).send(header, dies_halfway())
-    t.join(60)
-    assert answer["r"].status_code == 502 and "trainer crashed" in answer["r"].text
+    answer = armed.response()
+    assert answer.status_code == 502 and "trainer crashed" in answer.text
     status = httpx.get(server.url + "/weights").json()
     assert status["state"] == "torn" and status["weights_version"] == 3
     r = httpx.post(server.url + "/v1/completions", json={"model": "toy", "prompt": PROMPT, "max_tokens": 2})

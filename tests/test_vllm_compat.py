@@ -51,10 +51,20 @@ def test_worker_api() -> None:
     from vllm.v1.worker.gpu_worker import Worker
 
     assert _params(GPUModelRunner.reload_weights) == [
-        "self", "weights_iterator", "weights_path", "is_checkpoint_format"]
+        "self",
+        "weights_iterator",
+        "weights_path",
+        "is_checkpoint_format",
+    ]
     assert callable(CPUModelRunner.get_model) and callable(GPUModelRunner.get_model)
-    for name in ("reload_weights", "start_weight_update", "update_weights", "finish_weight_update",
-                 "init_weight_transfer_engine", "get_model"):
+    for name in (
+        "reload_weights",
+        "start_weight_update",
+        "update_weights",
+        "finish_weight_update",
+        "init_weight_transfer_engine",
+        "get_model",
+    ):
         assert callable(getattr(Worker, name)), name
     # vLLM asserts the extension adds no attribute the worker already has
     ours = [a for a in dir(LayercastWorkerExtension) if not a.startswith("__")]
@@ -90,8 +100,13 @@ def test_entrypoints_api() -> None:
     missing = [r for r in vllm_compat.DEV_ROUTES if r not in routes]
     assert not missing, missing
     assert ENDPOINT_PLUGINS_GROUP == "vllm.endpoint_plugins"
-    for fn in (api_server.build_app, api_server.init_app_state, api_server.build_async_engine_client,
-               api_server.run_server, api_server.build_and_serve):
+    for fn in (
+        api_server.build_app,
+        api_server.init_app_state,
+        api_server.build_async_engine_client,
+        api_server.run_server,
+        api_server.build_and_serve,
+    ):
         assert callable(fn)
     assert "VLLM_SERVER_DEV_MODE" in inspect.getsource(api_server.build_app)
     assert _params(AsyncLLM.collective_rpc) == ["self", "method", "timeout", "args", "kwargs"]

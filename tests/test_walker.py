@@ -28,7 +28,10 @@ from trainer_side.walker import (
 
 NONE = QuantScheme()
 FP8_BLOCK = QuantScheme(
-    kind="fp8_block", block_size=(32, 32), source="fp8", weight_scale_name="weight_scale_inv",
+    kind="fp8_block",
+    block_size=(32, 32),
+    source="fp8",
+    weight_scale_name="weight_scale_inv",
     scale_shape="2d",
 )
 QUANTIZED_LINEAR = re.compile(
@@ -41,15 +44,25 @@ def tiny(arch: str, tied: bool = False, dtype: torch.dtype = torch.bfloat16) -> 
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config, Qwen3MoeConfig
 
     common: dict[str, Any] = dict(
-        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, tie_word_embeddings=tied,
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tied,
     )
     configs = {
         "llama": lambda: LlamaConfig(**common),
         "qwen3": lambda: Qwen3Config(head_dim=16, **common),
         "qwen3_moe": lambda: Qwen3MoeConfig(
-            head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-            decoder_sparse_step=1, mlp_only_layers=[1], **common,
+            head_dim=16,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            decoder_sparse_step=1,
+            mlp_only_layers=[1],
+            **common,
         ),
     }
     torch.manual_seed(0)
@@ -128,8 +141,13 @@ def qwen3_fp8_scheme(model: nn.Module) -> QuantScheme:
 
     layers = range(len(model.model.layers))
     keep = ["lm_head", *(f"model.layers.{i}.{m}" for i in layers for m in ("mlp.gate", "input_layernorm"))]
-    qcfg = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
-            "weight_block_size": [32, 32], "modules_to_not_convert": keep}
+    qcfg = {
+        "quant_method": "fp8",
+        "activation_scheme": "dynamic",
+        "fmt": "e4m3",
+        "weight_block_size": [32, 32],
+        "modules_to_not_convert": keep,
+    }
     return detect_quant_scheme({"quantization_config": qcfg})
 
 
@@ -189,8 +207,12 @@ class RenamedTrainer(nn.Module):
 def to_hf(name: str) -> str | None:
     if name.startswith("value_head."):
         return None
-    for old, new in (("tok.", "model.embed_tokens."), ("blocks.", "model.layers."),
-                     ("final_norm.", "model.norm."), ("head.", "lm_head.")):
+    for old, new in (
+        ("tok.", "model.embed_tokens."),
+        ("blocks.", "model.layers."),
+        ("final_norm.", "model.norm."),
+        ("head.", "lm_head."),
+    ):
         if name.startswith(old):
             return new + name.removeprefix(old)
     raise KeyError(name)

@@ -20,7 +20,10 @@ from trainer_side.walker import LayerChunk, iter_layer_chunks
 WORLD = 2
 NONE = QuantScheme()
 FP8_BLOCK = QuantScheme(
-    kind="fp8_block", block_size=(32, 32), source="fp8", weight_scale_name="weight_scale_inv",
+    kind="fp8_block",
+    block_size=(32, 32),
+    source="fp8",
+    weight_scale_name="weight_scale_inv",
     scale_shape="2d",
 )
 FP8_CHANNEL = QuantScheme(kind="fp8_channel", source="fbgemm_fp8", scale_shape="column")
@@ -31,9 +34,19 @@ def moe_model() -> nn.Module:
     from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
     config = Qwen3MoeConfig(
-        vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, num_experts=3, num_experts_per_tok=2, moe_intermediate_size=32,
-        decoder_sparse_step=1, mlp_only_layers=[1], tie_word_embeddings=False,
+        vocab_size=101,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_experts=3,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        decoder_sparse_step=1,
+        mlp_only_layers=[1],
+        tie_word_embeddings=False,
     )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

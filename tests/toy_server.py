@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 from typing import Any
 
+import httpx
 import torch
 
+from configs.trainer import BroadcasterConfig
 from rpc.client import AsyncServerClient
 from rpc.demo import PROMPT, reference_greedy
-from rpc.launch import ServerProcess, tiny_model_serve_args
+from rpc.launch import ServerProcess, free_port, tiny_model_serve_args
+from trainer_side.broadcast import WeightBroadcaster
 from trainer_side.toy_models import save_toy
 
 MAX_TOKENS = 6
@@ -53,3 +57,38 @@ def assert_serves(url: str, model: torch.nn.Module, max_tokens: int = MAX_TOKENS
     ref_tokens, ref_lps = reference_greedy(model, PROMPT, max_tokens)
     assert tokens == ref_tokens
     assert max(abs(a - b) for a, b in zip(lps, ref_lps, strict=True)) < 1e-3
+
+
+def toy_broadcaster(server: ServerProcess, token: str | None = None, **overrides: Any) -> WeightBroadcaster:
+    """A trainer-side broadcaster for `server`, with small buckets and short deadlines for tests."""
+    fields: dict[str, Any] = {
+        "servers": [server.url],
+        "inference_config": model_dir(server),
+        "master_port": free_port(),
+        "token": token,
+        "bucket_bytes": 256 * 1024,
+        "step_timeout_s": 30,
+        "rendezvous_timeout_s": 60,
+    }
+    return WeightBroadcaster(BroadcasterConfig(**(fields | overrides)))
+
+
+class BackgroundPost:
+    """POST in a thread (e.g. arm `/update_weights` while this thread plays the trainer)."""
+
+    def __init__(
+        self, url: str, body: dict[str, Any], token: str | None = None, timeout_s: float = 60
+    ) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._response: httpx.Response | None = None
+        self._thread = threading.Thread(
+            target=lambda: setattr(
+                self, "_response", httpx.post(url, json=body, headers=headers, timeout=timeout_s)
+            )
+        )
+        self._thread.start()
+
+    def response(self, timeout_s: float = 60) -> httpx.Response:
+        self._thread.join(timeout_s)
+        assert self._response is not None, "the background request did not finish"
+        return self._response
