@@ -49,12 +49,12 @@ class LayercastEndpointPlugin:
             backend = self.backend
             if backend is not None and request.url.path in GENERATION_PATHS:
                 status = backend.status()
-                reason = status.last_error or "a sync is running"
-                if status.state == "torn" or (status.state == "syncing" and _strict_sync()):
+                reason = status.last_error or "a sync failed after loading began"
+                if status.state == "torn":
                     return JSONResponse(
                         status_code=503,
                         content={
-                            "error": "ModelTorn" if status.state == "torn" else "SyncInProgress",
+                            "error": "ModelTorn",
                             "detail": f"weights are {status.state}: {reason};"
                             " generation resumes when a complete sync lands",
                         },
@@ -65,6 +65,3 @@ class LayercastEndpointPlugin:
         if engine_client is not None:
             self.backend = VllmSyncBackend(engine_client)
 
-
-def _strict_sync() -> bool:
-    return os.environ.get("LAYERCAST_REFUSE_DURING_SYNC", "0") == "1"
