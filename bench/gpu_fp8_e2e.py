@@ -30,6 +30,7 @@ import os
 import shlex
 import shutil
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -142,6 +143,9 @@ def main() -> int:
     ap.add_argument("--enforce-eager", action="store_true", help="default: keep CUDA graphs")
     ap.add_argument("--gpu-memory-utilization", default="0.3")
     ap.add_argument("--ready-timeout", type=float, default=420.0)
+    ap.add_argument(
+        "--close-wait", type=float, default=20.0, help="s to wait for WeightBroadcaster.close() per path"
+    )
     ap.add_argument("--dry-run", action="store_true", help="build the model and write checkpoints only")
     ap.add_argument(
         "--cpu-smoke",
@@ -206,15 +210,22 @@ def main() -> int:
         "--max-model-len", "512", "--max-num-seqs", "8", "--served-model-name", "toy",
         "--gpu-memory-utilization", args.gpu_memory_utilization,
     ]  # fmt: skip
-    if args.enforce_eager or smoke:
-        serve_args.append("--enforce-eager")
     gpu = {"a": {"CUDA_VISIBLE_DEVICES": "1"}, "ref": {"CUDA_VISIBLE_DEVICES": "0"}}
     if smoke:
         serve_args[-2:] = ["--dtype", "float32", "--kv-cache-memory-bytes", str(64 * 2**20)]
         gpu = {"a": {"LAYERCAST_CPU_PLAIN_LINEAR": "1"}, "ref": {"LAYERCAST_CPU_PLAIN_LINEAR": "1"}}
+    if args.enforce_eager or smoke:
+        serve_args.append("--enforce-eager")
+    # Separate compile caches: the two engines start at once and would race on the same entries.
+    gpu["a"]["VLLM_CACHE_ROOT"] = str(work / "vllm-cache-a")
+    gpu["ref"]["VLLM_CACHE_ROOT"] = str(work / "vllm-cache-ref")
     result["serve_args"] = serve_args
     env = plugin_env(work)
-    say(lines, f"serve args: {' '.join(serve_args)} (CUDA graphs {'off' if args.enforce_eager else 'on'})")
+    say(
+        lines,
+        f"serve args: {' '.join(serve_args)} "
+        f"(CUDA graphs {'off' if '--enforce-eager' in serve_args else 'on'})",
+    )
     t_start = time.perf_counter()
     server = ServerProcess(v0_dir, extra_args=serve_args, env={**env, **gpu["a"]},
                            log_path=work / "server-a.log")  # fmt: skip
@@ -222,6 +233,18 @@ def main() -> int:
                         log_path=work / "server-ref.log")  # fmt: skip
     paths_out: dict[str, Any] = {}
     result["paths"] = paths_out
+    pending: list[tuple[str, threading.Thread, float]] = []
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    stem = args.out_dir / f"{args.date}-{slug}-fp8-e2e"
+
+    def save() -> None:
+        """Written after every stage, so a run killed at its time limit still leaves its results."""
+        stem.with_suffix(".txt").write_text("\n".join(lines) + "\n")
+        stem.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+        for name in ("server-a", "server-ref"):
+            if (work / f"{name}.log").exists():
+                shutil.copy(work / f"{name}.log", args.out_dir / f"{name}.log")
+
     try:
         for s in (server, ref):
             s.wait_ready(args.ready_timeout)
@@ -232,6 +255,7 @@ def main() -> int:
         result["sensitivity_v0_vs_ref"] = compare(gen_v0, gen_ref)
         result["reference_tokens"] = [t for t, _ in gen_ref]
         say(lines, f"server A at W0 vs reference at W_final (must differ): {result['sensitivity_v0_vs_ref']}")
+        save()
 
         version = 0
         for path in [p for p in args.paths.split(",") if p]:
@@ -247,6 +271,8 @@ def main() -> int:
                     backend="gloo" if smoke else "nccl",
                     load_path=path,
                     rendezvous_timeout_s=60,
+                    step_timeout_s=60,
+                    sync_timeout_s=120,
                 )
             )
             try:
@@ -298,7 +324,8 @@ def main() -> int:
                 rec["error"] = f"{type(exc).__name__}: {exc}"
                 say(lines, f"[{path}] error: {rec['error']}\n{traceback.format_exc()}")
             finally:
-                bc.close()
+                close_timed(bc, rec, args.close_wait, pending, lines, path)
+                save()
     except Exception as exc:
         result["error"] = f"{type(exc).__name__}: {exc}"
         say(lines, f"error: {result['error']}\n{traceback.format_exc()}")
@@ -306,17 +333,40 @@ def main() -> int:
         for s, name in ((server, "server-a"), (ref, "server-ref")):
             result[f"{name}_log_tail"] = s.tail(40)
             s.stop()
+    for path, th, t_close in pending:
+        th.join(5.0)
+        paths_out[path]["close_finished_after_s"] = (
+            None if th.is_alive() else round(time.perf_counter() - t_close, 1)
+        )
     table(lines, paths_out)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.out_dir / f"{args.date}-{slug}-fp8-e2e"
-    stem.with_suffix(".txt").write_text("\n".join(lines) + "\n")
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    for name in ("server-a", "server-ref"):
-        shutil.copy(work / f"{name}.log", args.out_dir / f"{name}.log")
+    save()
     print(f"wrote {stem}.txt/.json", flush=True)
     ok = all(r.get("tokens_equal") and r.get("max_logprob_diff") == 0.0 for r in paths_out.values()
              if "init_error" not in r)  # fmt: skip
     return 0 if ok and "error" not in result else 1
+
+
+def close_timed(
+    bc: WeightBroadcaster,
+    rec: dict[str, Any],
+    wait_s: float,
+    pending: list[tuple[str, threading.Thread, float]],
+    lines: list[str],
+    path: str,
+) -> None:
+    """`bc.close()` in a thread, waited on for `wait_s`: an NCCL `shutdown()` may block until the
+    server closes its side too, which it does only at the next `/init_broadcaster`. A close still
+    blocked is left running (and checked at the end) so the next path's init can release it."""
+    t0 = time.perf_counter()
+    th = threading.Thread(target=bc.close, daemon=True, name=f"close-{path}")
+    th.start()
+    th.join(wait_s)
+    if th.is_alive():
+        rec["close"] = f"blocked > {wait_s:.0f} s (left running)"
+        pending.append((path, th, t0))
+    else:
+        rec["close"] = f"{(time.perf_counter() - t0) * 1e3:.0f} ms"
+    say(lines, f"[{path}] close: {rec['close']}")
 
 
 def table(lines: list[str], paths: dict[str, Any]) -> None:

@@ -335,7 +335,14 @@ class Group:
         """Release the backend and the store; the port is free for a fresh group when this returns."""
         if self._pg is not None:
             try:
-                self._pg.shutdown()
+                if self.backend == "nccl":
+                    # NCCL's shutdown() finalizes the communicator, which waits for every peer to do the
+                    # same; peers close theirs only when told to (e.g. at their next /init_broadcaster),
+                    # so a graceful close here would deadlock. abort() is local.
+                    self._pg.abort()
+                    _PARKED.append(self._pg)
+                else:
+                    self._pg.shutdown()
             except Exception:
                 _PARKED.append(self._pg)
             self._pg = None

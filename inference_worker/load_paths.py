@@ -146,8 +146,10 @@ def load_kernel(
     with torch.no_grad():
         for name, tensor in _counting(weights, stats):
             if expected.get(name) != (dtype_str(tensor.dtype), tuple(tensor.shape)) or name in done:
-                raise LoadPathError(f"stream tensor {name} {dtype_str(tensor.dtype)} {list(tensor.shape)} "
-                                    "was not announced in the manifest (or came twice)")
+                raise LoadPathError(
+                    f"stream tensor {name} {dtype_str(tensor.dtype)} {list(tensor.shape)} "
+                    "was not announced in the manifest (or came twice)"
+                )
             dst = live[name]
             if dst.data_ptr() != tensor.data_ptr():
                 dst.data.copy_(tensor)
@@ -169,13 +171,24 @@ def checkpoint_path_safe(model: torch.nn.Module) -> str | None:
     recorded = vllm_compat.model_format_entries(model)
     if not recorded:
         return "no model-format metadata recorded for this model"
+    recorded_params = vllm_compat.model_format_params(model)
     for name, param in model.named_parameters():
         rec = recorded.get(name)
         if rec is None:
             return f"{name} was created by processing (not in model format)"
+        meta = recorded_params.get(name)
+        if meta is not None and type(meta) is not type(param):
+            # e.g. FP8 processing re-wraps ModelWeightParameter as a plain Parameter: same shape and
+            # dtype, but its weight loader is gone (vllm#28425); load_weights would fail half-way.
+            return (
+                f"{name} was re-wrapped by processing ({type(meta).__name__} -> {type(param).__name__}); "
+                "its weight loader is gone"
+            )
         if rec != (param.dtype, tuple(param.shape)):
-            return (f"{name} was transformed by processing ({dtype_str(rec[0])} {list(rec[1])} -> "
-                    f"{dtype_str(param.dtype)} {list(param.shape)}); load+process again is not idempotent")
+            return (
+                f"{name} was transformed by processing ({dtype_str(rec[0])} {list(rec[1])} -> "
+                f"{dtype_str(param.dtype)} {list(param.shape)}); load+process again is not idempotent"
+            )
     return None
 
 

@@ -67,7 +67,7 @@ def perturb_(model: torch.nn.Module, step: int, scale: float = 0.05) -> None:
     gen = torch.Generator().manual_seed(10_000 + step)
     with torch.no_grad():
         for p in model.parameters():
-            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32) * scale
+            noise = (torch.randn(p.shape, generator=gen, dtype=torch.float32) * scale).to(p.device)
             p.add_(noise.to(p.dtype) * p.detach().float().std().clamp_min(1e-3).to(p.dtype))
 
 
