@@ -75,6 +75,15 @@ def _find_problem(members: list[dict[str, object]], where: str) -> str | None:
     return None
 
 
+def cancel_rendezvous(host: str, port: int, reason: str, generation: int = 0, timeout_s: float = 5.0) -> None:
+    """Fail a rendezvous in progress at host:port from outside it (e.g. the trainer learned over HTTP
+    that a server refused to join): every rank waiting in it raises `RendezvousError(reason)` at once
+    instead of waiting for its deadline. Best effort: does nothing if the store is not reachable."""
+    with contextlib.suppress(Exception):
+        client = dist.TCPStore(host, port, None, False, _td(timeout_s))
+        dist.PrefixStore(f"layercast/g{generation}/", client).compare_set(_ERROR_KEY, "", reason)
+
+
 class Group:
     """One generation of the trainer→inference group. Construction is the rendezvous; see module doc.
 

@@ -209,3 +209,13 @@ def test_trainer_failing_mid_sync_leaves_server_refusing_until_a_full_sync(
     bc.push(trainer_model, 5)
     assert httpx.get(server.url + "/weights").json()["state"] == "ready"
     assert_serves(server.url, trainer_model)
+
+
+def test_server_refusing_init_ends_the_rendezvous_at_once(server: ServerProcess) -> None:
+    # This server runs vLLM's default CPU kernels (weights in oneDNN): the checkpoint path is refused.
+    refused = toy_broadcaster(server, TOKEN, load_path="checkpoint", rendezvous_timeout_s=60)
+    started = time.monotonic()
+    with pytest.raises(PushError, match="checkpoint path refused"):
+        refused.init()
+    assert time.monotonic() - started < 15, "the trainer waited for a rank that had refused to join"
+    refused.close()

@@ -22,7 +22,7 @@ from torch import nn
 
 from broadcaster.errors import BroadcastError
 from broadcaster.framing import make_header
-from broadcaster.group import Group
+from broadcaster.group import Group, cancel_rendezvous
 from broadcaster.report import SyncReport
 from broadcaster.sender import Sender
 from broadcaster.timeouts import Timeouts
@@ -173,11 +173,21 @@ class WeightBroadcaster:
             for off in offsets
         ]
 
+        async def init_one(client: AsyncServerClient, req: InitBroadcasterRequest) -> InitBroadcasterResponse:
+            try:
+                return await client.init_broadcaster(req)
+            except Exception as exc:
+                # A server that refused will never join: end the rendezvous now for every rank.
+                cancel_rendezvous(
+                    c.master_address, c.master_port, f"{client.base_url} refused to join: {exc}"
+                )
+                raise
+
         async def call_all() -> list[InitBroadcasterResponse | BaseException]:
             clients = self._clients()
             try:
                 return await asyncio.gather(
-                    *(cl.init_broadcaster(r) for cl, r in zip(clients, requests, strict=True)),
+                    *(init_one(cl, r) for cl, r in zip(clients, requests, strict=True)),
                     return_exceptions=True,
                 )
             finally:
