@@ -22,7 +22,6 @@ from configs.api import (
     UpdateWeightsResponse,
     WeightsStatus,
 )
-from configs.quant import QuantScheme
 from rpc.errors import ApiError, BadRequest, Conflict, NotReady, SyncFailed, SyncTimedOut
 
 _ERROR_KINDS: dict[str, type[ApiError]] = {
@@ -135,7 +134,3 @@ class VllmSyncBackend:
             num_tensors=int(results[0]["num_tensors"]),
             timings=timings,
         )
-
-    @property
-    def scheme(self) -> QuantScheme | None:
-        return self._status.scheme

@@ -50,7 +50,16 @@ class LayercastWorkerExtension(BroadcastReceiverMixin):
         for the kernel path). Kernel loads require ``manifest`` and check it before copying.
         Returns the load stats (also kept for :meth:`layercast_load_stats`)."""
         model = self._layercast_model()
-        chosen, reason = load_paths.choose_load_path(model, path, manifest)
+        # A concrete path is checked by its loader itself (kernel: the whole manifest before any copy),
+        # so only `auto` needs the choice, which would otherwise run the same checks a second time.
+        if path == "auto":
+            chosen, reason = load_paths.choose_load_path(model, path, manifest)
+        elif path in load_paths.LOAD_PATHS:
+            chosen, reason = path, "requested"
+        else:
+            raise load_paths.LoadPathError(
+                f"unknown load path {path!r}; expected auto or one of {load_paths.LOAD_PATHS}"
+            )
         if chosen == "kernel":
             if manifest is None:
                 raise load_paths.LoadPathError("kernel path needs the stream's manifest up front")

@@ -250,7 +250,9 @@ class WeightBroadcaster:
 
     # ------------------------------------------------------------------ push
 
-    def _timed_stream(self, model: nn.Module, report: PushReport) -> Iterator[tuple[str, torch.Tensor]]:
+    def _timed_stream(
+        self, model: nn.Module, report: PushReport, kernel: bool
+    ) -> Iterator[tuple[str, torch.Tensor]]:
         chunks = iter_layer_chunks(model, self.scheme, self.name_map, dtype=self._dtype)
         while True:
             t0 = time.perf_counter()
@@ -259,7 +261,7 @@ class WeightBroadcaster:
                 report.quantize_s += time.perf_counter() - t0
                 return
             tensors = chunk.tensors
-            if self.layout == "kernel":
+            if kernel:
                 tensors = [(self._kernel_rename.get(n, n), t) for n, t in fuse_tensors(chunk.tensors)]
             report.quantize_s += time.perf_counter() - t0
             yield from tensors
@@ -321,7 +323,7 @@ class WeightBroadcaster:
         )
         wire_error: BaseException | None = None
         try:
-            report.wire = sender.send(header, self._timed_stream(model, report))
+            report.wire = sender.send(header, self._timed_stream(model, report, header.layout == "kernel"))
         except BroadcastError as exc:
             wire_error = exc
         results = http.join(c.sync_timeout_s + 60) if http is not None else [None] * len(c.servers)
