@@ -25,3 +25,20 @@ def bucket_checksum(bucket: torch.Tensor) -> torch.Tensor:
     row_w = torch.arange(1, rows.numel() + 1, dtype=torch.int64, device=bucket.device)
     col_w = torch.arange(1, _COLS + 1, dtype=torch.int64, device=bucket.device)
     return torch.stack([rows.sum(), (rows * row_w).sum(), (cols * col_w).sum()])
+
+
+def tensor_checksum(t: torch.Tensor) -> torch.Tensor:
+    """`bucket_checksum` of a tensor's bytes (zero-padded to 8), computed on its device."""
+    raw = t.detach().contiguous().reshape(-1).view(torch.uint8)
+    if raw.numel() % 8:
+        raw = torch.cat([raw, raw.new_zeros(8 - raw.numel() % 8)])
+    return bucket_checksum(raw)
+
+
+def weights_digest(named: dict[str, torch.Tensor]) -> dict[str, list[int]]:
+    """`{name: [3 ints]}` for every tensor: compare a server's runtime weights with what was sent."""
+    names = sorted(named)
+    if not names:
+        return {}
+    sums = torch.stack([tensor_checksum(named[n]) for n in names]).cpu().tolist()
+    return dict(zip(names, sums, strict=True))

@@ -3,11 +3,13 @@
 Invariants:
 - the caller's check (and the framing check) runs on the header before any data moves; one refusal
   anywhere makes every rank raise `SyncRefused`;
-- at most two bucket buffers exist; the receive of bucket k+1 is posted before views of bucket k are
-  yielded, and bucket k+2 is received into bucket k's buffer as soon as the consumer asks for a tensor
-  past bucket k. So: A YIELDED VIEW IS VALID ONLY UNTIL THE CONSUMER ADVANCES PAST ITS BUCKET — copy (or
-  load) it before asking for the next bucket's tensors. Tensors larger than a bucket are assembled in a
-  staging tensor of their own, which the consumer owns;
+- at most three bucket buffers exist: while the consumer reads bucket k, bucket k+1 is on the wire and
+  bucket k-1 is kept (its receive buffer is re-posted for bucket k+2 only when the consumer asks for a
+  tensor of bucket k+1). So: A VIEW YIELDED FROM BUCKET k IS VALID UNTIL THE CONSUMER ASKS FOR A TENSOR
+  OF BUCKET k+2 — a consumer that holds tensors until a group of them is complete (vLLM's layerwise
+  reload holds a module's tensors) needs no copy when the group spans at most two consecutive buckets
+  (`view_bucket`). Tensors larger than a bucket are assembled in a staging tensor of their own, which
+  the consumer owns;
 - `finish` drains whatever the consumer did not read, so the collectives stay in lockstep with the
   sender whatever the consumer does, then votes; all ranks get the same verdict.
 On CUDA, waiting on a bucket's Work orders the current stream after the NCCL stream, and the next receive
@@ -24,13 +26,17 @@ from types import TracebackType
 import torch
 
 from broadcaster.checksum import bucket_checksum
-from broadcaster.control import receive_header, tally
+from broadcaster.control import header_cache, receive_header, tally
 from broadcaster.errors import BroadcastError, PeerLost, SyncFailed, SyncRefused
-from broadcaster.framing import check_layout, dtype_from_name, pieces_by_bucket
+from broadcaster.framing import dtype_from_name
 from broadcaster.group import Group
 from broadcaster.report import SyncReport
 from broadcaster.timeouts import Timeouts
 from configs.wire import SyncHeader
+
+# Receive buffers: the bucket being read, the one on the wire, and the one before (kept for consumers
+# that hold views until a group of tensors is complete).
+RING = 3
 
 HeaderCheck = Callable[[SyncHeader], "str | None"]
 # Called with (bucket index, landed bucket bytes) before the bucket is checksummed or yielded from.
@@ -64,9 +70,11 @@ class Receiver:
         g.check_health()
         seq = g.next_seq()
         t0 = time.monotonic()
-        got = receive_header(g, self.timeouts.header_s if header_timeout_s is None else header_timeout_s)
+        got = receive_header(
+            g, self.timeouts.header_s if header_timeout_s is None else header_timeout_s, self.max_bucket_size
+        )
         t1 = time.monotonic()
-        reason = got if isinstance(got, str) else check_layout(got, self.max_bucket_size)
+        reason = got if isinstance(got, str) else None
         if reason is None and check is not None:
             assert isinstance(got, SyncHeader)
             try:
@@ -110,18 +118,24 @@ class IncomingSync:
     def _receive(self) -> Iterator[tuple[str, torch.Tensor]]:
         g, h = self._group, self.header
         sizes, entries, nb = h.bucket_sizes, h.entries, len(h.bucket_sizes)
-        plan = pieces_by_bucket(h)
-        bufs = [torch.empty(h.max_bucket_size, dtype=torch.uint8, device=g.device) for _ in sizes[:2]]
-        buffer_bytes = len(bufs) * h.max_bucket_size
+        plan = header_cache(g).plan(h)
+        nbuf = min(RING, nb)
+        bufs = [torch.empty(h.max_bucket_size, dtype=torch.uint8, device=g.device) for _ in range(nbuf)]
+        buffer_bytes = nbuf * h.max_bucket_size
         self._peak = buffer_bytes
-        works = [g.broadcast(bufs[k][: sizes[k]]) for k in range(len(bufs))]
+        works: list[object] = [g.broadcast(bufs[k][: sizes[k]]) for k in range(min(2, nb))]
         staging: torch.Tensor | None = None
         hook = self._receiver.bucket_hook
         for k, size in enumerate(sizes):
-            slot = k % 2
-            buf = bufs[slot][:size]
+            if k >= 1 and k + 1 < nb:
+                # Bucket k+1 into the buffer of bucket k-2: the consumer asked for bucket k, so it is done
+                # with k-2 (views of k-1 stay valid).
+                works.append(g.broadcast(bufs[(k + 1) % nbuf][: sizes[k + 1]]))
+            buf = bufs[k % nbuf][:size]
             self._wait_s += g.wait(
-                works[slot], self._receiver.timeouts.bucket_s, f"bucket {k} of {nb} (sync {h.sync_id!r})"
+                works[k],  # type: ignore[arg-type]
+                self._receiver.timeouts.bucket_s,
+                f"bucket {k} of {nb} (sync {h.sync_id!r})",
             )
             if hook is not None:
                 hook(k, buf)
@@ -149,8 +163,6 @@ class IncomingSync:
                 yield entry.name, tensor
                 del tensor
                 self._work_s += time.monotonic() - handed
-            if k + 2 < nb:
-                works[slot] = g.broadcast(bufs[slot][: sizes[k + 2]])
 
     def finish(self, ok: bool = True, reason: str = "") -> SyncReport:
         """Drain unread buckets, compare checksums, vote `ok` (with `reason` if not) and return the
@@ -209,3 +221,10 @@ class IncomingSync:
             # SyncFailed is expected (our own failure vote); the body's exception propagates.
             with contextlib.suppress(SyncFailed):
                 self.finish(False, f"consumer raised {type(e).__name__}: {e}")
+
+
+def view_bucket(header: SyncHeader) -> list[int | None]:
+    """Per manifest entry: the bucket whose buffer its yielded tensor views, or None when it is a staging
+    tensor the consumer owns (entries split over buckets). A view of bucket b stays valid until the
+    consumer asks for a tensor of bucket b+2."""
+    return [e.pieces[0].bucket if len(e.pieces) == 1 else None for e in header.entries]

@@ -20,9 +20,8 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from broadcaster.checksum import bucket_checksum
-from broadcaster.control import send_header, tally
+from broadcaster.control import header_cache, send_header, tally
 from broadcaster.errors import SyncFailed, SyncRefused
-from broadcaster.framing import pieces_by_bucket
 from broadcaster.group import Group
 from broadcaster.report import SyncReport
 from broadcaster.timeouts import Timeouts
@@ -117,7 +116,7 @@ class Sender:
     ) -> tuple[Exception | None, float, float, int]:
         """Broadcast every bucket; returns (producer error or None, work s, wait s, peak buffer bytes)."""
         g, sizes, entries = self.group, header.bucket_sizes, header.entries
-        plan = pieces_by_bucket(header)
+        plan = header_cache(g).plan(header)
         bufs = [torch.empty(header.max_bucket_size, dtype=torch.uint8, device=g.device) for _ in sizes[:2]]
         in_flight: list[object | None] = [None, None]
         zeroed = [False, False]

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from configs.quant import QuantScheme
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 # Dtypes the wire carries, by name. FP8/FP4 travel as raw bytes and are re-viewed on arrival.
 WIRE_DTYPES: tuple[str, ...] = (

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from broadcaster.checksum import weights_digest
 from inference_worker import load_paths, vllm_compat
 from inference_worker.sync_worker import BroadcastReceiverMixin
 
@@ -45,9 +46,12 @@ class LayercastWorkerExtension(BroadcastReceiverMixin):
         path: str,
         weights: Iterable[tuple[str, torch.Tensor]],
         manifest: Sequence[Sequence[Any]] | None = None,
+        *,
+        manifest_checked: bool = False,
     ) -> dict[str, Any]:
         """Consume one sync's ``(name, tensor)`` stream through ``path`` (``auto`` needs ``manifest``
-        for the kernel path). Kernel loads require ``manifest`` and check it before copying.
+        for the kernel path). Kernel loads require ``manifest`` and check it before copying, unless the
+        caller checked it against this model already (``manifest_checked``: the sync's header vote).
         Returns the load stats (also kept for :meth:`layercast_load_stats`)."""
         model = self._layercast_model()
         # A concrete path is checked by its loader itself (kernel: the whole manifest before any copy),
@@ -63,7 +67,7 @@ class LayercastWorkerExtension(BroadcastReceiverMixin):
         if chosen == "kernel":
             if manifest is None:
                 raise load_paths.LoadPathError("kernel path needs the stream's manifest up front")
-            stats = load_paths.load_kernel(model, weights, manifest)
+            stats = load_paths.load_kernel(model, weights, manifest, checked=manifest_checked)
         elif chosen == "layerwise":
             stats = load_paths.load_layerwise(model, weights, vllm_compat.worker_model_config(self))
         else:
@@ -159,6 +163,24 @@ class LayercastWorkerExtension(BroadcastReceiverMixin):
     def layercast_load_stats(self) -> list[dict[str, Any]]:
         """Stats of the recent loads, oldest first."""
         return list(self._layercast_stats())
+
+    def layercast_weights_digest(self) -> dict[str, list[int]]:
+        """Per runtime tensor, the wire checksum of its bytes, computed on the device (fast: a
+        trainer compares it with `broadcaster.checksum.weights_digest` of what it sent)."""
+        return weights_digest(load_paths.runtime_tensors(self._layercast_model()))
+
+    def layercast_memory_stats(self, reset: str = "") -> dict[str, int] | None:
+        """This worker's CUDA memory: allocated now and the peak since the last reset (`reset` is a
+        string because vLLM's dev `/collective_rpc` route passes strings); None on CPU."""
+        device = vllm_compat.worker_device(self)
+        if device.type != "cuda":
+            return None
+        if reset:
+            torch.cuda.reset_peak_memory_stats(device)
+        return {
+            "allocated": torch.cuda.memory_allocated(device),
+            "peak": torch.cuda.max_memory_allocated(device),
+        }
 
     def layercast_weights_checksum(self) -> str:
         """sha256 over the names and bytes of all runtime tensors (sorted by name)."""

@@ -132,11 +132,15 @@ def load_kernel(
     model: torch.nn.Module,
     weights: Iterable[tuple[str, torch.Tensor]],
     manifest: Sequence[Sequence[Any]],
+    *,
+    checked: bool = False,
 ) -> LoadStats:
-    """Copy runtime-format tensors into the live tensors; ``manifest`` is checked before any copy."""
+    """Copy runtime-format tensors into the live tensors; ``manifest`` is checked before any copy
+    (``checked=True``: the caller already ran :func:`check_kernel_manifest` on this model). Every
+    streamed tensor is still matched against ``manifest``."""
     stats = LoadStats("kernel")
     t0 = time.perf_counter()
-    problem = check_kernel_manifest(model, manifest)
+    problem = None if checked else check_kernel_manifest(model, manifest)
     if problem:
         raise LoadPathError(problem)
     expected = {str(e[0]): (str(e[1]), tuple(int(s) for s in e[2])) for e in manifest}

@@ -19,7 +19,7 @@ import torch
 
 from broadcaster.errors import BroadcastError, BroadcastTimeout, SyncFailed, SyncRefused
 from broadcaster.group import Group
-from broadcaster.receiver import Receiver
+from broadcaster.receiver import Receiver, view_bucket
 from broadcaster.timeouts import Timeouts
 from configs.api import InitBroadcasterRequest
 from configs.quant import QuantScheme
@@ -45,13 +45,60 @@ class _SyncState:
         self.rank = rank
         self.path = path
         self.server_ranks = server_ranks
+        # The manifest of the last accepted sync (the same objects while the trainer's manifest does not
+        # change: `broadcaster.control.HeaderCache`), so per-step checks run once per manifest.
+        self.accepted: tuple[Any, ...] | None = None
+        self._copy_plan: tuple[tuple[Any, ...], list[bool]] | None = None
+
+    def copy_plan(self, header: SyncHeader) -> list[bool]:
+        cached = self._copy_plan
+        if cached is None or cached[0] is not header.entries:
+            cached = self._copy_plan = (header.entries, layerwise_copy_plan(header))
+        return cached[1]
 
 
-def _owned_copies(stream: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Layerwise reload keeps references to incoming tensors until their module is complete, possibly
-    after the receive buffer they view was reused: give it tensors it owns (one module's worth)."""
-    for name, t in stream:
-        yield name, t.clone()
+# Tensors vLLM's layerwise reload holds until finalize (attention/KV-cache scales), not until their module
+# completes.
+_HELD_TO_FINALIZE = ("k_scale", "v_scale", "q_scale", "prob_scale")
+
+
+def _holding_group(name: str) -> str:
+    """A unit that contains every tensor of the module `name` belongs to: the decoder layer
+    (`model.layers.7`) for numbered blocks, else the parent module (`lm_head`)."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return ".".join(parts[:-1])
+
+
+def layerwise_copy_plan(header: SyncHeader) -> list[bool]:
+    """Per entry: must the layerwise path copy the received tensor before handing it to vLLM?
+
+    Layerwise reload keeps a module's tensors (by reference) until the module is complete, and a view of
+    bucket b is valid until the receiver is asked for bucket b+2 (`broadcaster.receiver`). So a view needs
+    no copy when everything its module needs has arrived by bucket b+1 — checked conservatively per
+    decoder layer. Staging tensors (entries split over buckets) are owned already.
+    """
+    buckets = view_bucket(header)
+    last: dict[str, int] = {}
+    for entry in header.entries:
+        group = _holding_group(entry.name)
+        last[group] = max(last.get(group, -1), entry.pieces[-1].bucket)
+    return [
+        b is not None and (last[_holding_group(e.name)] > b + 1 or e.name.endswith(_HELD_TO_FINALIZE))
+        for e, b in zip(header.entries, buckets, strict=True)
+    ]
+
+
+def _owned_where_needed(
+    stream: Iterator[tuple[str, torch.Tensor]], copy: list[bool], stats: dict[str, int]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    for (name, t), must in zip(stream, copy, strict=False):
+        if must:
+            stats["copied_bytes"] += t.numel() * t.element_size()
+            t = t.clone()
+        yield name, t
 
 
 class BroadcastReceiverMixin:
@@ -126,11 +173,17 @@ class BroadcastReceiverMixin:
         want = "kernel" if state.path == "kernel" else "checkpoint"
         if header.layout != want:
             return f"trainer sends the {header.layout} layout but this server loads by the {state.path} path"
+        if state.accepted is header.entries:
+            return None
         model = vllm_compat.worker_model(self)
         entries = [(e.name, e.dtype, e.shape) for e in header.entries]
         if state.path == "kernel":
-            return load_paths.check_kernel_manifest(model, entries)
-        return check_checkpoint_manifest(model, entries)
+            problem = load_paths.check_kernel_manifest(model, entries)
+        else:
+            problem = check_checkpoint_manifest(model, entries)
+        if problem is None:
+            state.accepted = header.entries
+        return problem
 
     def layercast_receive(self, sync_id: str, weights_version: int, timeout_s: float) -> dict[str, Any]:
         state = self._layercast_sync
@@ -159,14 +212,17 @@ class BroadcastReceiverMixin:
             return _result(False, kind, f"{exc}; re-run /init_broadcaster", torn=False)
         wait_s = time.perf_counter() - started
         stream: Iterator[tuple[str, torch.Tensor]] = iter(incoming)
+        copies = {"copied_bytes": 0}
         if state.path == "layerwise":
-            stream = _owned_copies(stream)
+            stream = _owned_where_needed(stream, state.copy_plan(incoming.header), copies)
         manifest = [(e.name, e.dtype, e.shape) for e in incoming.header.entries]
         load_error = ""
         stats: dict[str, Any] = {}
         t_load = time.perf_counter()
         try:
-            stats = self._load_stream(state.path, stream, manifest)  # type: ignore[attr-defined]
+            stats = self._load_stream(state.path, stream, manifest, manifest_checked=True)  # type: ignore[attr-defined]
+            if state.path == "layerwise":
+                stats["copied_bytes"] = copies["copied_bytes"]
         except BroadcastError as exc:  # the wire failed mid-stream: the group is gone
             kind = "timeout" if isinstance(exc, BroadcastTimeout) else "failed"
             return _result(False, kind, f"{exc}; re-run /init_broadcaster", torn=True)

@@ -34,6 +34,7 @@ from configs.api import (
 )
 from configs.quant import QuantScheme
 from configs.trainer import BroadcasterConfig
+from configs.wire import SyncHeader
 from rpc.client import AsyncServerClient
 from trainer_side.detect import detect_quant_scheme
 from trainer_side.kernel_layout import KernelLayoutError, check_against_runtime, fuse_specs, fuse_tensors
@@ -124,6 +125,9 @@ class WeightBroadcaster:
         self.init_responses: dict[str, InitBroadcasterResponse] = {}
         self._dtype = getattr(torch, config.send_dtype) if config.send_dtype else None
         self._kernel_rename: dict[str, str] = {}
+        # The last push's header (manifest planned once while the model's parameters and the servers'
+        # layout stay the same; each push only swaps the ids). Cleared by `init()`.
+        self._template: tuple[tuple[Any, ...], SyncHeader] | None = None
 
     # ------------------------------------------------------------------ init
 
@@ -153,6 +157,7 @@ class WeightBroadcaster:
         if not _is_sender():
             return {}
         self.close()
+        self._template = None
         c = self.config
         sizes = _run_async(self._workers_per_server)
         offsets = [1 + sum(sizes[:i]) for i in range(len(sizes))]
@@ -266,6 +271,11 @@ class WeightBroadcaster:
             report.quantize_s += time.perf_counter() - t0
             yield from tensors
 
+    def tensors(self, model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+        """Exactly the `(name, tensor)` pairs `push` would send now (for checks and dry runs; on an FSDP
+        trainer every rank must iterate it, the gathers are collectives)."""
+        return self._timed_stream(model, PushReport("", 0), self.layout == "kernel")
+
     def push(
         self, model: nn.Module, version: int, sync_id: str | None = None, *, arm: bool = True
     ) -> PushReport:
@@ -284,21 +294,7 @@ class WeightBroadcaster:
         assert self.group is not None
         c = self.config
         t0 = time.perf_counter()
-        specs = [
-            (s.name, s.dtype, s.shape)
-            for s in plan_stream(model, self.scheme, self.name_map, dtype=self._dtype)
-        ]
-        if self.layout == "kernel":
-            specs = self._kernel_specs(specs)
-        header = make_header(
-            specs,
-            layout=self.layout,
-            sync_id=sync_id,
-            weights_version=version,
-            scheme=self.scheme,
-            bucket_size=c.bucket_bytes,
-            checksum=c.checksum,
-        )
+        header = self._header(model, sync_id, version)
         report.plan_s = time.perf_counter() - t0
         req = UpdateWeightsRequest(sync_id=sync_id, weights_version=version, timeout_s=c.sync_timeout_s)
 
@@ -342,6 +338,34 @@ class WeightBroadcaster:
         report.tensors, report.bytes_sent = wire.tensors, wire.payload_bytes
         report.send_s, report.commit_s = wire.transfer_s - report.quantize_s, wire.commit_s
         return report
+
+    def _header(self, model: nn.Module, sync_id: str, version: int) -> SyncHeader:
+        """This push's header; the manifest is re-planned only when the model's parameters (names,
+        dtypes, shapes) or the servers' layout changed since the last push."""
+        c = self.config
+        key = (
+            id(model),
+            tuple((n, p.dtype, tuple(p.shape)) for n, p in model.named_parameters()),
+            self.layout,
+        )
+        if self._template is None or self._template[0] != key:
+            specs = [
+                (s.name, s.dtype, s.shape)
+                for s in plan_stream(model, self.scheme, self.name_map, dtype=self._dtype)
+            ]
+            if self.layout == "kernel":
+                specs = self._kernel_specs(specs)
+            template = make_header(
+                specs,
+                layout=self.layout,
+                sync_id=sync_id,
+                weights_version=version,
+                scheme=self.scheme,
+                bucket_size=c.bucket_bytes,
+                checksum=c.checksum,
+            )
+            self._template = (key, template)
+        return self._template[1].model_copy(update={"sync_id": sync_id, "weights_version": version})
 
     def _ensure_group(self) -> None:
         """A group aborted by a failed sync (here or on any server) is replaced by a fresh one."""
