@@ -271,10 +271,11 @@ class WeightBroadcaster:
             report.quantize_s += time.perf_counter() - t0
             yield from tensors
 
-    def tensors(self, model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-        """Exactly the `(name, tensor)` pairs `push` would send now (for checks and dry runs; on an FSDP
-        trainer every rank must iterate it, the gathers are collectives)."""
-        return self._timed_stream(model, PushReport("", 0), self.layout == "kernel")
+    def tensors(self, model: nn.Module, layout: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Exactly the `(name, tensor)` pairs `push` would send now, or in `layout` (`kernel`: vLLM's
+        runtime names, fused; `checkpoint`: HF names) — for checks and dry runs. On an FSDP trainer every
+        rank must iterate it (the gathers are collectives)."""
+        return self._timed_stream(model, PushReport("", 0), (layout or self.layout) == "kernel")
 
     def push(
         self, model: nn.Module, version: int, sync_id: str | None = None, *, arm: bool = True
