@@ -127,7 +127,8 @@ def main() -> None:
     t = time.time()
     llm = LLM(
         model=d, load_format="dummy", quantization="fp8_per_block",
-        weight_transfer_config={"backend": "nccl"}, enforce_eager=True, gpu_memory_utilization=0.5, skip_tokenizer_init=True, max_model_len=1024,
+        weight_transfer_config={"backend": "nccl"}, enforce_eager=True, gpu_memory_utilization=0.5,
+        skip_tokenizer_init=True, max_model_len=1024,
     )  # fmt: skip
     print(f"peer: engine up in {time.time() - t:.0f}s", flush=True)
     meta = q.get()

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import save_file
 from torch import nn
 
@@ -41,6 +42,7 @@ def write_hf_checkpoint(
     plus `model.safetensors.index.json` when the tensors exceed `max_shard_bytes`. Returns `out_dir`.
 
     Tokenizer and generation config are not written: copy them from the trainer's model directory.
+    On an FSDP trainer every rank calls it (the layer gathers are collectives); only rank 0 writes.
     """
     detected = detect_quant_scheme(base_config)
     if detected != scheme:
@@ -49,6 +51,10 @@ def write_hf_checkpoint(
             "add the matching quantization_config"
         )
     out = Path(out_dir)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        for _ in iter_layer_chunks(model, scheme, name_map, dtype=dtype):
+            pass
+        return out
     out.mkdir(parents=True, exist_ok=True)
     shard: dict[str, torch.Tensor] = {}
     shard_bytes = total_bytes = 0
