@@ -10,7 +10,7 @@ Plan (one device run; the two engines start concurrently):
   4. per load path (one `WeightBroadcaster` per path on the same server A): reset the trainer model to
      W0, `init()`, then per step perturb and `push`; every path ends at W_final, so A's greedy tokens and
      logprobs must equal R's exactly (both load the trainer's own FP8 bytes);
-  5. print a table; write `<date>-<device>-fp8-e2e.{txt,json}`.
+  5. print a table; write `<date>-<device>-fp8-e2e[-channel|-tensor].{txt,json}`.
 
     python bench/gpu_fp8_e2e.py --out-dir bench/results            # 2 GPUs, vLLM (CUDA build)
     python bench/gpu_fp8_e2e.py --dry-run --work /tmp/fp8e2e        # CPU: build + write checkpoints only
@@ -55,6 +55,26 @@ FP8_BLOCK = {
     "fmt": "e4m3",
     "weight_block_size": [128, 128],
 }
+# Per-tensor: HF `fp8` without a block size (one weight_scale per tensor). Per-channel: compressed-tensors
+# float-quantized, channel-wise weights, dynamic per-token activations (as llm-compressor writes it).
+FP8_TENSOR = {"quant_method": "fp8", "activation_scheme": "dynamic", "modules_to_not_convert": ["lm_head"]}
+FP8_CHANNEL = {
+    "quant_method": "compressed-tensors",
+    "format": "float-quantized",
+    "quantization_status": "compressed",
+    "ignore": ["lm_head"],
+    "config_groups": {
+        "group_0": {
+            "targets": ["Linear"],
+            "format": "float-quantized",
+            "weights": {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": False,
+                        "strategy": "channel", "observer": "minmax"},
+            "input_activations": {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": True,
+                                  "strategy": "token"},
+        }
+    },
+}  # fmt: skip
+QUANT = {"block": FP8_BLOCK, "channel": FP8_CHANNEL, "tensor": FP8_TENSOR}
 SHAPE = dict(
     hidden_size=1024,
     intermediate_size=3072,
@@ -136,6 +156,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out-dir", type=Path, default=Path("bench/results"))
     ap.add_argument("--work", type=Path, default=Path("/tmp/layercast-fp8-e2e"))
+    ap.add_argument("--quant", choices=sorted(QUANT), default="block", help="the FP8 scheme served")
+    ap.add_argument("--gpus", default="0,1", help="trainer + reference server GPU, server A GPU")
     ap.add_argument("--date", default=datetime.date.today().isoformat())
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--paths", default="layerwise,kernel,checkpoint")
@@ -156,7 +178,8 @@ def main() -> int:
 
     lines: list[str] = []
     cuda = torch.cuda.is_available()
-    dev = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    gpu_t, gpu_a = args.gpus.split(",")
+    dev = torch.device("cuda", int(gpu_t)) if cuda else torch.device("cpu")
     device = f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}" if cuda else "cpu"
     slug = (
         f"{torch.cuda.device_count()}x" + torch.cuda.get_device_name(0).lower().replace(" ", "-")
@@ -166,7 +189,8 @@ def main() -> int:
     command = " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
     say(lines, f"gpu_fp8_e2e: {device}; torch {torch.__version__}; date {args.date}")
     say(lines, f"command: {command}")
-    result: dict[str, Any] = {"device": device, "date": args.date, "command": command, "shape": SHAPE}
+    result: dict[str, Any] = {"device": device, "date": args.date, "command": command, "shape": SHAPE,
+                              "quant": args.quant}  # fmt: skip
 
     work = args.work
     shutil.rmtree(work, ignore_errors=True)
@@ -181,7 +205,7 @@ def main() -> int:
     bf16_dir = save_toy(master, work / "bf16")
     base = json.loads((bf16_dir / "config.json").read_text())
     if not smoke:
-        base["quantization_config"] = dict(FP8_BLOCK)
+        base["quantization_config"] = dict(QUANT[args.quant])
     scheme = detect_quant_scheme(base)
     v0_dir = write_fp8(model, base, bf16_dir, work / "fp8-v0")
     assert detect_quant_scheme(v0_dir) == scheme
@@ -210,7 +234,7 @@ def main() -> int:
         "--max-model-len", "512", "--max-num-seqs", "8", "--served-model-name", "toy",
         "--gpu-memory-utilization", args.gpu_memory_utilization,
     ]  # fmt: skip
-    gpu = {"a": {"CUDA_VISIBLE_DEVICES": "1"}, "ref": {"CUDA_VISIBLE_DEVICES": "0"}}
+    gpu = {"a": {"CUDA_VISIBLE_DEVICES": gpu_a}, "ref": {"CUDA_VISIBLE_DEVICES": gpu_t}}
     if smoke:
         serve_args[-2:] = ["--dtype", "float32", "--kv-cache-memory-bytes", str(64 * 2**20)]
         gpu = {"a": {"LAYERCAST_CPU_PLAIN_LINEAR": "1"}, "ref": {"LAYERCAST_CPU_PLAIN_LINEAR": "1"}}
@@ -235,7 +259,8 @@ def main() -> int:
     result["paths"] = paths_out
     pending: list[tuple[str, threading.Thread, float]] = []
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.out_dir / f"{args.date}-{slug}-fp8-e2e"
+    suffix = "" if args.quant == "block" else f"-{args.quant}"
+    stem = args.out_dir / f"{args.date}-{slug}-fp8-e2e{suffix}"
 
     def save() -> None:
         """Written after every stage, so a run killed at its time limit still leaves its results."""
