@@ -20,6 +20,7 @@ equal across paths (same final weights) and differ from the server's output befo
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime
 import json
 import multiprocessing as mp
@@ -28,6 +29,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -53,7 +55,9 @@ from bench.common import (
     write_inference_dir,
 )
 from broadcaster.group import Group
+from configs.api import UpdateWeightsRequest
 from configs.trainer import BroadcasterConfig
+from rpc.client import AsyncServerClient
 from rpc.launch import ServerProcess, free_port
 from trainer_side.broadcast import WeightBroadcaster
 
@@ -94,6 +98,30 @@ def raw_broadcast(nbytes: int, k: int, gpu: str, backend: str, device: torch.dev
     g.close()
     del buf
     return times[1:]
+
+
+def _arm(url: str, sync_id: str, version: int) -> None:
+    async def go() -> None:
+        async with AsyncServerClient(url, timeout_s=300) as c:
+            await c.update_weights(
+                UpdateWeightsRequest(sync_id=sync_id, weights_version=version, timeout_s=120)
+            )
+
+    asyncio.run(go())
+
+
+def _profile(bc: WeightBroadcaster, model: torch.nn.Module, url: str, version: int) -> str:
+    """torch.profiler of one push (trainer side): where the host and the GPU spend the sync."""
+    from torch.profiler import ProfilerActivity, profile
+
+    reseed_(model, version)
+    sync_cuda()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        bc.push(model, version=version)
+        sync_cuda()
+    by_cpu = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+    by_cuda = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15)
+    return by_cpu + "\n" + by_cuda
 
 
 def run_path(
@@ -137,6 +165,25 @@ def run_path(
             })  # fmt: skip
         timed = syncs[1:]
         rec["syncs"] = timed
+        # The orchestrator's mode: servers armed ahead (their HTTP call and vLLM RPC dispatch done, the
+        # workers waiting at the header), then the trainer sends: `push(arm=False)` wall time.
+        armed = []
+        for i in range(args.syncs):
+            reseed_(model, seed0 + args.syncs + 1 + i)
+            sync_cuda()
+            version = seed0 + args.syncs + 1 + i
+            sid = f"armed-{version}"
+            th = threading.Thread(target=_arm, args=(url, sid, version), daemon=True)
+            th.start()
+            time.sleep(0.3)
+            t = time.perf_counter()
+            bc.push(model, version=version, sync_id=sid, arm=False)
+            armed.append(time.perf_counter() - t)
+            th.join(120)
+        rec["sync_s_prearmed_all"] = armed
+        rec["sync_s_prearmed"] = median(armed)
+        if args.profile and dev.type == "cuda":
+            rec["profile"] = _profile(bc, model, url, seed0 + 2 * args.syncs + 2)
         rec["warmup_s"] = syncs[0]["total_s"]
         rec["sync_s"] = median([s["total_s"] for s in timed])
         rec["bytes_sent"] = timed[-1]["bytes"]
@@ -169,6 +216,7 @@ def main() -> int:
     ap.add_argument("--bucket-mb", type=int, default=256)
     ap.add_argument("--kernel-bucket-mb", default="1024", help="extra kernel-path runs at these bucket sizes")
     ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="torch.profiler of one extra push per path")
     ap.add_argument("--out-dir", type=Path, default=Path("bench/results"))
     ap.add_argument("--work", type=Path, default=Path("/tmp/layercast-sync-bench"))
     ap.add_argument("--date", default=datetime.date.today().isoformat())
@@ -337,6 +385,8 @@ def fill_ratios(rec: dict[str, Any]) -> None:
             continue
         r["raw_nccl_s"] = raw
         r["ratio_vs_raw"] = r["sync_s"] / raw if raw else None
+        armed = r.get("sync_s_prearmed")
+        r["ratio_prearmed_vs_raw"] = armed / raw if raw and armed else None
         r["peer_s"] = peer
         r["speedup_vs_peer"] = peer / r["sync_s"] if peer else None
         r["params"] = rec.get("params")
@@ -344,7 +394,8 @@ def fill_ratios(rec: dict[str, Any]) -> None:
 
 def table(lines: list[str], result: dict[str, Any]) -> None:
     say(lines)
-    say(lines, f"{'model':<6}{'path':<11}{'bucket':>7}{'GB sent':>9}{'sync ms':>9}{'raw ms':>8}{'x raw':>7}"
+    say(lines, f"{'model':<6}{'path':<11}{'bucket':>7}{'GB sent':>9}{'sync ms':>9}{'armed ms':>9}"
+               f"{'raw ms':>8}{'armed/raw':>10}"
                f"{'peer ms':>9}{'x peer':>8}{'trainer+GB':>11}{'infer+GB':>9}  verified")  # fmt: skip
     for size, rec in result["models"].items():
         for r in rec["paths"]:
@@ -357,8 +408,9 @@ def table(lines: list[str], result: dict[str, Any]) -> None:
                 return "-" if x is None else format(x * scale, fmt)
 
             say(lines, f"{size:<6}{r['path']:<11}{r['bucket_mb']:>7}{r['bytes_sent'] / 1e9:>9.3f}"
-                       f"{f(r['sync_s'], 1e3):>9}{f(r.get('raw_nccl_s'), 1e3):>8}"
-                       f"{f(r.get('ratio_vs_raw'), 1, '.2f'):>7}"
+                       f"{f(r['sync_s'], 1e3):>9}{f(r.get('sync_s_prearmed'), 1e3):>9}"
+                       f"{f(r.get('raw_nccl_s'), 1e3):>8}"
+                       f"{f(r.get('ratio_prearmed_vs_raw'), 1, '.2f'):>10}"
                        f"{f(r.get('peer_s'), 1e3):>9}{f(r.get('speedup_vs_peer'), 1, '.2f'):>8}"
                        f"{f(r.get('trainer_peak_extra_bytes'), 1e-9, '.2f'):>11}"
                        f"{f(r.get('inference_peak_extra_bytes'), 1e-9, '.2f'):>9}  "

@@ -133,14 +133,33 @@ def receive_header(group: Group, timeout_s: float, max_bucket_size: int | None =
     return header_cache(group).decode(raw[:n_ids], raw[n_ids:], max_bucket_size)
 
 
-def tally(group: Group, seq: int, phase: str, failed: bool, reason: str, timeout_s: float) -> dict[int, str]:
-    """All ranks vote; returns {rank: reason} of every rank that voted `failed` (empty = unanimous ok)."""
-    key = f"sync/{seq}/{phase}/"
+@dataclass
+class Vote:
+    """A vote in flight (`start_vote`); `finish_vote` waits for it and reads the verdict."""
+
+    seq: int
+    phase: str
+    flags: torch.Tensor
+    work: dist.Work
+
+
+def start_vote(group: Group, seq: int, phase: str, failed: bool, reason: str) -> Vote:
+    """Cast this rank's vote without waiting (the caller may work meanwhile)."""
     if failed:
-        group.store.set(key + str(group.rank), reason or "no reason given")
+        group.store.set(f"sync/{seq}/{phase}/{group.rank}", reason or "no reason given")
     flags = torch.zeros(group.world_size, dtype=torch.int32, device=group.device)
     if failed:
         flags[group.rank] = 1
-    group.wait(group.all_reduce(flags, dist.ReduceOp.MAX), timeout_s, f"the {phase} vote of sync {seq}")
-    bad = flags.nonzero().flatten().tolist()
-    return {r: group.store.get(key + str(r)).decode() for r in bad}
+    return Vote(seq, phase, flags, group.all_reduce(flags, dist.ReduceOp.MAX))
+
+
+def finish_vote(group: Group, vote: Vote, timeout_s: float) -> dict[int, str]:
+    """{rank: reason} of every rank that voted failed (empty = unanimous ok)."""
+    group.wait(vote.work, timeout_s, f"the {vote.phase} vote of sync {vote.seq}")
+    bad = vote.flags.nonzero().flatten().tolist()
+    return {r: group.store.get(f"sync/{vote.seq}/{vote.phase}/{r}").decode() for r in bad}
+
+
+def tally(group: Group, seq: int, phase: str, failed: bool, reason: str, timeout_s: float) -> dict[int, str]:
+    """All ranks vote; returns {rank: reason} of every rank that voted `failed` (empty = unanimous ok)."""
+    return finish_vote(group, start_vote(group, seq, phase, failed, reason), timeout_s)

@@ -1,5 +1,9 @@
 """Rank 0's side of a sync: header, accept vote, double-buffered bucket stream, commit vote.
 
+The accept vote is cast right after the header and waited for only once bucket 0 is packed, so producing
+the first bucket (walking, quantizing) overlaps the receivers' arrival and header checks; nothing is
+broadcast before every rank accepted.
+
 Invariants:
 - tensors are pulled lazily from the producer in manifest order and each one is checked against its
   manifest entry (name, dtype, shape) before a byte of it is packed;
@@ -15,12 +19,12 @@ reusing a buffer two buckets later, so packing and the wire overlap without othe
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
 from broadcaster.checksum import bucket_checksum
-from broadcaster.control import header_cache, send_header, tally
+from broadcaster.control import finish_vote, header_cache, send_header, start_vote, tally
 from broadcaster.errors import SyncFailed, SyncRefused
 from broadcaster.group import Group
 from broadcaster.report import SyncReport
@@ -80,12 +84,26 @@ class Sender:
         t0 = time.monotonic()
         send_header(g, header, to.header_s)
         t1 = time.monotonic()
-        refusals = tally(g, seq, "accept", False, "", to.vote_s)
-        t2 = time.monotonic()
-        if refusals:
-            raise SyncRefused(refusals)
+        vote = start_vote(g, seq, "accept", False, "")
+        voted: list[float] = []
+
+        def accepted() -> None:
+            # Runs once the first bucket is packed: producing it overlapped the receivers' checks.
+            start = time.monotonic()
+            refusals = finish_vote(g, vote, to.vote_s)
+            voted.append(time.monotonic() - start)
+            if refusals:
+                raise SyncRefused(refusals)
+
         sums: list[torch.Tensor] = []
-        error, work_s, wait_s, peak = self._stream(header, iter(tensors), sums)
+        it = iter(tensors)
+        try:
+            error, work_s, wait_s, peak = self._stream(header, it, sums, accepted)
+        except SyncRefused:
+            close = getattr(it, "close", None)
+            if callable(close):
+                close()
+            raise
         t3 = time.monotonic()
         if header.checksum and sums:
             g.wait(g.broadcast(torch.stack(sums)), to.commit_s, f"the checksum broadcast of sync {seq}")
@@ -102,8 +120,8 @@ class Sender:
             wire_bytes=header.total_bytes,
             buckets=len(header.bucket_sizes),
             header_s=t1 - t0,
-            vote_s=t2 - t1,
-            transfer_s=t3 - t2,
+            vote_s=voted[0] if voted else 0.0,
+            transfer_s=t3 - t1 - (voted[0] if voted else 0.0),
             work_s=work_s,
             wait_s=wait_s,
             commit_s=t4 - t3,
@@ -112,9 +130,15 @@ class Sender:
         )
 
     def _stream(
-        self, header: SyncHeader, it: Iterator[tuple[str, torch.Tensor]], sums: list[torch.Tensor]
+        self,
+        header: SyncHeader,
+        it: Iterator[tuple[str, torch.Tensor]],
+        sums: list[torch.Tensor],
+        accepted: Callable[[], None],
     ) -> tuple[Exception | None, float, float, int]:
-        """Broadcast every bucket; returns (producer error or None, work s, wait s, peak buffer bytes)."""
+        """Broadcast every bucket; returns (producer error or None, work s, wait s, peak buffer bytes).
+        `accepted()` runs after bucket 0 is packed and before anything is broadcast (it raises
+        `SyncRefused` on a refusal: nothing was sent, the group stays usable)."""
         g, sizes, entries = self.group, header.bucket_sizes, header.entries
         plan = header_cache(g).plan(header)
         bufs = [torch.empty(header.max_bucket_size, dtype=torch.uint8, device=g.device) for _ in sizes[:2]]
@@ -123,6 +147,8 @@ class Sender:
         error: Exception | None = None
         current: torch.Tensor | None = None
         produced, work_s, wait_s = 0, 0.0, 0.0
+        if not sizes:
+            accepted()
         try:
             for k, size in enumerate(sizes):
                 slot = k % 2
@@ -150,6 +176,8 @@ class Sender:
                 if header.checksum:
                     sums.append(bucket_checksum(buf))
                 work_s += time.monotonic() - start
+                if k == 0:
+                    accepted()
                 in_flight[slot] = g.broadcast(buf)
             for work in in_flight:
                 if work is not None:
@@ -160,6 +188,8 @@ class Sender:
                     error = _ProducerError(
                         f"producer yielded more than the manifest's {len(entries)} tensors: {extra[0]}"
                     )
+        except SyncRefused:
+            raise  # refused before any bucket went out: the group stays in lockstep
         except BaseException:
             g.abort("sender interrupted mid-stream")
             raise

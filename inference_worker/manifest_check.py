@@ -25,8 +25,9 @@ floats: same rank; dims vLLM does not shard equal the recorded dims; the sharded
 ``org_vocab_size``; each part of a packed ``weight``/``bias`` has the part's full row count (q/k/v from
 the head counts, gate/up from ``output_sizes``). Finally coverage: every recorded parameter must be
 covered, every shard of a packed or expert parameter exactly once. Attention KV-cache scale parameters
-(``q_scale``/``k_scale``/``v_scale``/``prob_scale``, only present with an FP8 KV cache) are optional:
-checkpoints often lack them and vLLM then keeps its defaults.
+(``q_scale``/``k_scale``/``v_scale``/``prob_scale``, only present with an FP8 KV cache, and the
+``q/k/v_zero_point`` compressed-tensors creates on every attention layer) are optional: checkpoints
+often lack them and vLLM then keeps its defaults.
 
 Not checked: values; per-tensor scale shapes of packed params (one scalar per part); shapes under a
 dtype change other than between plain floats (packed int4/fp4 layouts); expert-parallel placement
@@ -46,7 +47,9 @@ import torch
 from inference_worker import vllm_compat
 
 MAX_LISTED = 8
-OPTIONAL_LEAVES = frozenset({"q_scale", "k_scale", "v_scale", "prob_scale"})
+OPTIONAL_LEAVES = frozenset(
+    {"q_scale", "k_scale", "v_scale", "prob_scale", "q_zero_point", "k_zero_point", "v_zero_point"}
+)
 PLAIN_FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 
 

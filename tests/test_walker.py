@@ -348,3 +348,17 @@ def _has_quantizer() -> bool:
     except ImportError:
         return False
     return True
+
+
+@pytest.mark.parametrize("bad_layer", [0, 1])
+def test_a_non_finite_weight_stops_the_walk_naming_it(bad_layer: int) -> None:
+    model = tiny("qwen3")
+    with torch.no_grad():
+        model.model.layers[bad_layer].mlp.down_proj.weight[3, 5] = float("nan")
+    names: list[str] = []
+    bad = rf"layers\.{bad_layer}\.mlp\.down_proj\.weight_scale_inv.*inf or NaN"
+    with pytest.raises(ValueError, match=bad):
+        for chunk in iter_layer_chunks(model, FP8_BLOCK):
+            names += [n for n, _ in chunk.tensors]
+    # Checked one chunk late (no host sync per tensor): at most the next chunk was produced.
+    assert not any(f"layers.{bad_layer + 2}." in n for n in names)

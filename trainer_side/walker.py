@@ -109,6 +109,42 @@ def iter_layer_chunks(
     The generator keeps nothing of a chunk once it is yielded: a chunk's memory goes when the consumer
     drops it. Unquantized tensors of an unsharded model are detached views of the parameters (no copy).
     """
+    pending: _ScaleCheck | None = None
     for chunk in plan_chunks(model, scheme, name_map):
-        yield _build(chunk, scheme, dtype)
+        built = _build(chunk, scheme, dtype)
+        check = _ScaleCheck.of(built) if scheme.quantized else None
+        if pending is not None:
+            pending.raise_if_bad()  # the previous chunk's: long computed, so no stall
+        pending = check
+        yield built
+        del built, check  # hold nothing of a yielded chunk but its (small) scales
+    if pending is not None:
+        pending.raise_if_bad()
+
+
+@dataclass
+class _ScaleCheck:
+    """A chunk's quantization scales (small) and a device flag: does any hold inf/NaN? A non-finite
+    weight makes its scale non-finite. The flag is computed without a host sync and read one chunk
+    later, so the walk costs one cheap sync per chunk instead of one stall per tensor."""
+
+    label: str
+    scales: list[tuple[str, Tensor]]
+    flag: Tensor
+
+    @classmethod
+    def of(cls, chunk: LayerChunk) -> _ScaleCheck | None:
+        scales = [(n, t) for n, t in chunk.tensors if "scale" in n.rsplit(".", 1)[-1]
+                  and t.is_floating_point() and t.dtype.itemsize >= 2]  # fmt: skip
+        if not scales:
+            return None
+        return cls(chunk.label, scales, torch.stack([~torch.isfinite(t).all() for _, t in scales]).any())
+
+    def raise_if_bad(self) -> None:
+        if bool(self.flag):
+            bad = [n for n, t in self.scales if not bool(torch.isfinite(t).all())]
+            raise ValueError(
+                f"{self.label}: weights behind {', '.join(bad[:5])} hold inf or NaN; refusing to quantize "
+                "them to FP8"
+            )
 
