@@ -24,6 +24,7 @@ from trainer_side.layers import (
     PRE_LAYERS,
     ChunkPlan,
     TensorSpec,
+    chunk_global_amaxes,
     materialize,
     output_specs,
     plan_chunks,
@@ -90,8 +91,9 @@ def plan_stream(
 def _build(chunk: ChunkPlan, scheme: QuantScheme, dtype: torch.dtype | None) -> LayerChunk:
     tensors: list[tuple[str, Tensor]] = []
     gathered = 0
+    amax_of = chunk_global_amaxes(chunk.sources, scheme, dtype)  # NVFP4 global scales; {} otherwise
     for src in chunk.sources:
-        named, nbytes = materialize(src, scheme, dtype)
+        named, nbytes = materialize(src, scheme, dtype, amax_of)
         tensors += named
         gathered += nbytes
     return LayerChunk(chunk.label, tensors, gathered)
@@ -111,4 +113,3 @@ def iter_layer_chunks(
     """
     for chunk in plan_chunks(model, scheme, name_map):
         yield _build(chunk, scheme, dtype)
-
