@@ -214,6 +214,14 @@ def test_quantized_specs_refuse_odd_input_dims() -> None:
         quantized_specs((64, 100), torch.bfloat16, CT_NVFP4)
 
 
+def test_w4a4_nvfp4_is_refused_for_its_input_scales() -> None:
+    from trainer_side.detect import UnsupportedQuantization
+
+    w4a4 = MO_NVFP4.model_copy(update={"has_input_scale": True, "activation": "static", "format": "NVFP4"})
+    with pytest.raises(UnsupportedQuantization, match="needs calibrated input global scales"):
+        quantized_specs((64, 64), torch.bfloat16, w4a4)
+
+
 def test_online_schemes_stream_unquantized() -> None:
     online = QuantScheme(kind="mxfp8", group_size=32, source="online")
     x = torch.randn(8, 32, dtype=torch.bfloat16)

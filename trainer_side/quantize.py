@@ -182,6 +182,14 @@ def mx_tensor_names(scheme: QuantScheme) -> tuple[str, ...]:
 
 
 def _mx_specs(rows: int, cols: int, scheme: QuantScheme) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    if scheme.kind == "nvfp4" and scheme.has_input_scale:
+        # vLLM's W4A4 loaders need the calibrated input global scale of every linear; without it the
+        # layerwise reload would process the layer with an uninitialised one.
+        raise UnsupportedQuantization(
+            f"NVFP4 with static input activations ({scheme.source} {scheme.format}) needs calibrated input "
+            "global scales, which the trainer cannot compute; serve the weight-only form (compressed-tensors "
+            "NVFP4A16 or ModelOpt W4A16_NVFP4)"
+        )
     group = scheme.group_size or 0
     if cols % group:
         raise ValueError(
