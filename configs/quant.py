@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
+from fnmatch import fnmatch
 from types import MappingProxyType
 from typing import Literal
 
@@ -29,6 +30,9 @@ DEFAULT_FUSED_MAPPING: Mapping[str, tuple[str, ...]] = MappingProxyType(
 
 _ROUTED_EXPERT = re.compile(r"^(.*\.experts)\.\d+\.[^.]+$")
 
+# Elements sharing one scale along a weight's input dimension, fixed by the format.
+MX_GROUP_SIZES: Mapping[str, int] = MappingProxyType({"mxfp8": 32, "nvfp4": 16})
+
 
 class QuantScheme(BaseModel):
     """How each quantized linear weight is stored in the inference model's checkpoint.
@@ -38,6 +42,11 @@ class QuantScheme(BaseModel):
     `ignore` lists modules left unquantized, matched the way vLLM matches them for `source` (see
     `is_ignored`); `targets` lists what is quantized (compressed-tensors `targets`; default: every
     `Linear`). `ue8m0_scale` means block scales are powers of two (DeepSeek `scale_fmt: ue8m0`).
+    `group_size` is the number of input elements sharing one scale for `mxfp8` (32) and `nvfp4` (16).
+
+    `source == "online"` means the checkpoint holds unquantized weights and vLLM quantizes them while
+    loading (`--quantization mxfp8`): the stream then carries the unquantized tensors (`quantized` is
+    False) and `kind` only records what the server runs.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -67,11 +76,18 @@ class QuantScheme(BaseModel):
             raise ValueError(f"block_size must be positive, got {list(self.block_size)}")
         if self.ue8m0_scale and self.kind != "fp8_block":
             raise ValueError(f"ue8m0_scale is only meaningful for fp8_block, not {self.kind}")
+        if self.kind in MX_GROUP_SIZES and self.group_size != MX_GROUP_SIZES[self.kind]:
+            raise ValueError(
+                f"{self.kind} needs group_size {MX_GROUP_SIZES[self.kind]}, got {self.group_size}"
+            )
+        if self.kind not in MX_GROUP_SIZES and self.group_size is not None:
+            raise ValueError(f"group_size is only meaningful for mxfp8/nvfp4, not {self.kind}")
         return self
 
     @property
     def quantized(self) -> bool:
-        return self.kind != "none"
+        """Whether the checkpoint, and so the stream, holds quantized linear weights."""
+        return self.kind != "none" and self.source != "online"
 
     def is_ignored(
         self, module_name: str, fused_mapping: Mapping[str, Sequence[str]] = DEFAULT_FUSED_MAPPING
@@ -88,6 +104,8 @@ class QuantScheme(BaseModel):
         (`is_layer_skipped`) take exact names only, and a routed expert
         (`...mlp.experts.3.gate_proj`) is skipped when some entry containing "experts" contains
         its MoE prefix (`...mlp.experts`): vLLM decides for the whole fused-MoE layer.
+        ModelOpt (`is_layer_excluded`) adds, on that same vLLM prefix, substring matches (an entry
+        contained in the name) and `fnmatch` wildcards (`model.layers.0*`).
         """
         if not self.ignore:
             return False
@@ -98,9 +116,18 @@ class QuantScheme(BaseModel):
                     module_name = module_name[: len(module_name) - len(leaf)] + fused
                     leaf = fused
                     break
-        if self.source == "compressed-tensors":
+        if self.source in ("compressed-tensors", "online"):
             return self._ct_ignored(module_name, leaf, fused_mapping)
+        if self.source == "modelopt":
+            return self._modelopt_excluded(module_name, leaf, fused_mapping)
         return self._vllm_skipped(module_name, leaf, fused_mapping)
+
+    def _modelopt_excluded(self, name: str, leaf: str, fused_mapping: Mapping[str, Sequence[str]]) -> bool:
+        if self._vllm_skipped(name, leaf, fused_mapping):
+            return True
+        expert = _ROUTED_EXPERT.match(name)
+        prefix = expert.group(1) if expert else name  # vLLM asks once for the whole fused-MoE layer
+        return any((e != prefix and e in prefix) or fnmatch(prefix, e) for e in self.ignore)
 
     def _ct_ignored(self, name: str, leaf: str, fused_mapping: Mapping[str, Sequence[str]]) -> bool:
         def match(layer: str) -> bool:

@@ -241,8 +241,10 @@ def test_rejects_bad_inputs() -> None:
         quantized_specs((0, 128), torch.bfloat16, HF_BLOCK)
     with pytest.raises(ValueError, match="float8_e4m3fn"):
         quantize_weight(torch.zeros(4, 4, dtype=torch.float8_e4m3fn), CT_CHANNEL)
-    with pytest.raises(ValueError, match="not implemented"):
-        quantize_weight(torch.zeros(4, 4), QuantScheme(kind="nvfp4"))
+    with pytest.raises(ValueError, match="nvfp4 needs group_size 16"):
+        QuantScheme(kind="nvfp4")
+    with pytest.raises(ValueError, match="global_amax is only meaningful for nvfp4"):
+        quantize_weight(torch.zeros(4, 4), HF_BLOCK, global_amax=torch.tensor(1.0))
 
 
 def test_unquantized_scheme_passes_weight_through() -> None:

@@ -5,20 +5,27 @@ them. Each parameter is a `Source`: where it comes from in the trainer, and whic
 it becomes (a fused MoE expert tensor becomes one matrix per expert, a quantized Linear weight becomes
 the quantizer's weight and scale). `materialize` makes those tensors, gathering FSDP2 (DTensor)
 shards one parameter at a time, and quantizing shards before the gather when that is bit-exact.
+
+NVFP4 weights share a global scale: all of one weight, and all shards of one fused vLLM module
+(q/k/v -> qkv_proj, gate/up -> gate_up_proj, per expert too), since vLLM keeps one per fused module.
+`chunk_global_amaxes` finds max |x| for each such group before a chunk is quantized; for FSDP2 it
+takes each shard's amax and all-reduces them (MAX) over the shard group, so quantizing shards gives
+the bits of quantizing the gathered tensor.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from types import ModuleType
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from configs.quant import QuantScheme
+from configs.quant import DEFAULT_FUSED_MAPPING, QuantScheme
 from trainer_side.names import NameMap, hf_name, is_quantized, strip_wrappers
 
 Shape = tuple[int, ...]
@@ -213,25 +220,117 @@ def _pieces(src: Source, full: Tensor) -> Iterator[Tensor]:
             yield _matrix(full, e, part, src.transposed)
 
 
-def _quantize(t: Tensor, o: _Output, scheme: QuantScheme) -> Named:
+def _quantize(
+    t: Tensor, o: _Output, scheme: QuantScheme, amax_of: Mapping[str, Tensor] | None = None
+) -> Named:
     q = _quantizer()
     specs = q.quantized_specs(tuple(t.shape), t.dtype, scheme)
-    # Inf/NaN is checked per chunk by the walker (one host sync per layer, not per tensor).
-    out = q.quantize_weight(t.contiguous(), scheme, check_finite=False)
+    global_amax = amax_of.get(o.module) if amax_of is not None else None
+    # Inf/NaN in FP8 scales is checked per chunk by the walker (one cheap sync per layer, not per tensor).
+    out = q.quantize_weight(t.contiguous(), scheme, check_finite=False, global_amax=global_amax)
     if set(out) != set(specs):
         raise RuntimeError(f"quantizer returned {sorted(out)} for {o.module}, its specs say {sorted(specs)}")
     return [(f"{o.module}.{suffix}", out[suffix]) for suffix in specs]
 
 
-def _convert(src: Source, full: Tensor, scheme: QuantScheme, dtype: torch.dtype | None) -> Named:
+def _convert(
+    src: Source,
+    full: Tensor,
+    scheme: QuantScheme,
+    dtype: torch.dtype | None,
+    amax_of: Mapping[str, Tensor] | None,
+) -> Named:
     named: Named = []
     for o, t in zip(src.outputs, _pieces(src, full), strict=True):
         t = t if dtype is None else t.to(dtype)
         if o.quantize:
-            named += _quantize(t, o, scheme)
+            named += _quantize(t, o, scheme, amax_of)
         else:
             named.append((f"{o.module}.{o.suffix}", t.contiguous()))
     return named
+
+
+# ---- NVFP4 global scales ---------------------------------------------------------------------------
+
+
+def fused_group(module: str, fused_mapping: Mapping[str, tuple[str, ...]] = DEFAULT_FUSED_MAPPING) -> str:
+    """The vLLM module a checkpoint module is loaded into: `...q_proj` -> `...qkv_proj`, else itself."""
+    leaf = module.rsplit(".", 1)[-1]
+    for fused, shards in fused_mapping.items():
+        if leaf in shards:
+            return module[: len(module) - len(leaf)] + fused
+    return module
+
+
+def _local_output_amaxes(src: Source, local: Tensor, offset: int) -> Tensor:
+    """max |x| of each output of `src` (float32, one per output) over `local`, which holds dim-0 rows
+    [offset, offset + len) of the parameter; outputs it holds nothing of get 0 (the identity of max)."""
+    amax = torch.zeros(len(src.outputs), dtype=torch.float32, device=local.device)
+    if not src.parts:
+        if local.numel():
+            amax[0] = local.abs().amax().to(torch.float32)
+        return amax
+    for e in range(local.shape[0]):
+        for j, part in enumerate(src.parts):
+            amax[(offset + e) * len(src.parts) + j] = _matrix(local, e, part, src.transposed).abs().amax()
+    return amax
+
+
+def _shard_dims(p: DTensor) -> tuple[int, ...]:
+    return tuple(i for i, pl in enumerate(p.placements) if isinstance(pl, Shard))
+
+
+def chunk_global_amaxes(
+    sources: tuple[Source, ...], scheme: QuantScheme, dtype: torch.dtype | None
+) -> dict[str, Tensor]:
+    """For NVFP4: checkpoint module -> max |x| over its global-scale group (float32 scalar); {} otherwise.
+
+    Collective for DTensor parameters (one all-reduce per mesh and sharding in the chunk): every rank of
+    the mesh must call it with the same sources. The amax of a cast tensor is the cast of the amax
+    (rounding is monotonic), so `dtype` is applied to the amaxes, not to the weights.
+    """
+    if scheme.kind != "nvfp4" or not scheme.quantized:
+        return {}
+    per_source: list[tuple[Source, Tensor]] = []
+    pending: dict[tuple[object, tuple[int, ...]], list[int]] = {}  # (mesh, shard dims) -> sources
+    for src in sources:
+        if not any(o.quantize for o in src.outputs):
+            continue
+        p = src.param.detach()
+        if not isinstance(p, DTensor):
+            per_source.append((src, _local_output_amaxes(src, p, 0)))
+            continue
+        dims = _shard_dims(p)
+        if src.parts and dims and _dim0_shard(p) is None:
+            # experts split along a matrix dim: take the amaxes from the gathered tensor (rare layouts)
+            per_source.append((src, _local_output_amaxes(src, p.full_tensor(), 0)))
+            continue
+        local = p.to_local()
+        offset = 0
+        if src.parts and dims:
+            rows = math.ceil(p.shape[0] / p.device_mesh.size(dims[0]))
+            offset = min(rows * p.device_mesh.get_local_rank(dims[0]), p.shape[0])
+        per_source.append((src, _local_output_amaxes(src, local, offset)))
+        if dims:
+            pending.setdefault((p.device_mesh, dims), []).append(len(per_source) - 1)
+    for (mesh, dims), indices in pending.items():
+        flat = torch.cat([per_source[i][1] for i in indices])
+        for d in dims:
+            dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=mesh.get_group(d))  # type: ignore[attr-defined]
+        for i, part in zip(
+            indices, flat.split([len(per_source[i][0].outputs) for i in indices]), strict=True
+        ):
+            per_source[i] = (per_source[i][0], part)
+    grouped: dict[str, Tensor] = {}
+    module_group: dict[str, str] = {}
+    for src, amaxes in per_source:
+        for o, amax in zip(src.outputs, amaxes, strict=True):
+            if not o.quantize:
+                continue
+            amax = amax if dtype is None else amax.to(dtype).to(torch.float32)
+            key = module_group[o.module] = fused_group(o.module)
+            grouped[key] = amax if key not in grouped else torch.maximum(grouped[key], amax)
+    return {module: grouped[key] for module, key in module_group.items()}
 
 
 # ---- FSDP2 / DTensor -------------------------------------------------------------------------------
@@ -251,7 +350,8 @@ def quantize_before_gather_ok(src: Source, p: DTensor, scheme: QuantScheme) -> b
     """Whether quantizing each shard and gathering the results equals quantizing the gathered tensor.
 
     True when every rank holds at least one dim-0 row and the quantizer's groups never straddle a
-    shard boundary: whole experts (any per-matrix scheme), rows (fp8_channel), or row blocks
+    shard boundary: whole experts (any per-matrix scheme), rows (fp8_channel; mxfp8 and nvfp4, whose
+    groups run along a row, nvfp4's global scale coming from `chunk_global_amaxes`), or row blocks
     (fp8_block, when the shard length is a multiple of the block's rows).
     """
     shard = _dim0_shard(p)
@@ -263,7 +363,7 @@ def quantize_before_gather_ok(src: Source, p: DTensor, scheme: QuantScheme) -> b
         return False  # some rank holds an empty shard
     if src.parts:
         return True
-    if scheme.kind == "fp8_channel":
+    if scheme.kind in ("fp8_channel", "mxfp8", "nvfp4"):
         return True
     return scheme.kind == "fp8_block" and scheme.block_size is not None and rows % scheme.block_size[0] == 0
 
@@ -280,19 +380,35 @@ def _gather_dim0(local: Tensor, like: DTensor, full_shape: Shape) -> Tensor:
     return full.view(local.dtype) if as_bytes else full
 
 
-def _quantize_then_gather(src: Source, p: DTensor, scheme: QuantScheme, dtype: torch.dtype | None) -> Named:
+def _quantize_then_gather(
+    src: Source,
+    p: DTensor,
+    scheme: QuantScheme,
+    dtype: torch.dtype | None,
+    amax_of: Mapping[str, Tensor] | None,
+) -> tuple[Named, int]:
+    """The checkpoint tensors of `src` and the bytes this rank received gathering them."""
     local = p.to_local()
     local = local if dtype is None else local.to(dtype)
     if not src.parts:
         (o,) = src.outputs
-        quantized = _quantize(local, o, scheme)
+        quantized = _quantize(local, o, scheme, amax_of)
         full_specs = output_specs(src, scheme, dtype)
-        return [(n, _gather_dim0(t, p, spec[2])) for (n, t), spec in zip(quantized, full_specs, strict=True)]
+        out: Named = []
+        for (name, t), spec in zip(quantized, full_specs, strict=True):
+            # a per-tensor scale (NVFP4's global one) comes from the all-reduced amax: equal on every rank
+            out.append((name, t if len(spec[2]) < 2 else _gather_dim0(t, p, spec[2])))
+        return out, sum(
+            t.numel() * t.element_size() for (_, t), s in zip(out, full_specs, strict=True) if len(s[2]) >= 2
+        )
     # Experts: quantize each local expert's matrices, stack per (part, suffix), gather the stacks.
+    rows = math.ceil(p.shape[0] / p.device_mesh.size(_shard_dims(p)[0]))
+    first = rows * p.device_mesh.get_local_rank(_shard_dims(p)[0])
     stacks: list[dict[str, list[Tensor]]] = [{} for _ in src.parts]
     for e in range(local.shape[0]):
         for j, part in enumerate(src.parts):
-            for name, t in _quantize(_matrix(local, e, part, src.transposed), src.outputs[j], scheme):
+            o = src.outputs[(first + e) * len(src.parts) + j]
+            for name, t in _quantize(_matrix(local, e, part, src.transposed), o, scheme, amax_of):
                 stacks[j].setdefault(name.rsplit(".", 1)[-1], []).append(t)
     n = p.shape[0]
     full = [{k: _gather_dim0(torch.stack(v), p, (n, *v[0].shape)) for k, v in s.items()} for s in stacks]
@@ -302,23 +418,25 @@ def _quantize_then_gather(src: Source, p: DTensor, scheme: QuantScheme, dtype: t
         for j in range(len(src.parts)):
             o = src.outputs[e * len(src.parts) + j]
             named += [(f"{o.module}.{k}", t[e]) for k, t in full[j].items()]
-    return named
+    return named, sum(t.numel() * t.element_size() for s in full for t in s.values())
 
 
-def materialize(src: Source, scheme: QuantScheme, dtype: torch.dtype | None) -> tuple[Named, int]:
+def materialize(
+    src: Source, scheme: QuantScheme, dtype: torch.dtype | None, amax_of: Mapping[str, Tensor] | None = None
+) -> tuple[Named, int]:
     """The checkpoint tensors of `src`, and how many bytes this rank received gathering them.
 
-    For a DTensor parameter this runs collectives: every rank of its mesh must call it in the same order.
+    `amax_of` is `chunk_global_amaxes` of the chunk (NVFP4). For a DTensor parameter this runs
+    collectives: every rank of its mesh must call it in the same order.
     """
     p = src.param.detach()
     if not isinstance(p, DTensor):
-        return _convert(src, p, scheme, dtype), 0
+        return _convert(src, p, scheme, dtype, amax_of), 0
     if quantize_before_gather_ok(src, p, scheme):
-        named = _quantize_then_gather(src, p, scheme, dtype)
-        return named, sum(t.numel() * t.element_size() for _, t in named)
+        return _quantize_then_gather(src, p, scheme, dtype, amax_of)
     if dtype is not None:
         p = p.to(dtype)  # cast the shard, not the gathered tensor: same bits, fewer bytes on the wire
     full = p.full_tensor()
     sharded = any(isinstance(pl, Shard) for pl in p.placements)
     gathered = full.numel() * full.element_size() if sharded else 0
-    return _convert(src, full, scheme, dtype), gathered
+    return _convert(src, full, scheme, dtype, amax_of), gathered

@@ -16,6 +16,9 @@ online-quantizes) that checkpoint format:
   1 / (448 * 512))`, `q = clamp(x.float() * s.reciprocal(), -448, 448).to(fp8)`.
 
 Weights holding inf or NaN raise `ValueError` instead of producing a garbage checkpoint.
+
+`mxfp8` and `nvfp4` go to `trainer_side.mx_quantize` (bit for bit vLLM 0.26's references); the tensor
+names follow the checkpoint format (`mx_tensor_names`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from configs.quant import QuantScheme
+from trainer_side import mx_quantize
 from trainer_side.detect import UnsupportedQuantization
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -163,6 +167,58 @@ def _check_input(shape: tuple[int, ...], dtype: torch.dtype) -> None:
         raise ValueError(f"can only quantize {[str(d) for d in _INPUT_DTYPES]} weights, got {dtype}")
 
 
+def mx_tensor_names(scheme: QuantScheme) -> tuple[str, ...]:
+    """Checkpoint suffixes of one MXFP8 / NVFP4 linear weight, in stream order.
+
+    MXFP8 (compressed-tensors and ModelOpt): `weight` (e4m3), `weight_scale` (E8M0 as uint8).
+    NVFP4, compressed-tensors: `weight_packed`, `weight_scale` (e4m3), `weight_global_scale` (g, (1,));
+    ModelOpt: `weight`, `weight_scale`, `weight_scale_2` (1/g, shape ()).
+    """
+    if scheme.kind == "mxfp8":
+        return ("weight", "weight_scale")
+    if scheme.source == "compressed-tensors":
+        return ("weight_packed", "weight_scale", "weight_global_scale")
+    return ("weight", "weight_scale", "weight_scale_2")
+
+
+def _mx_specs(rows: int, cols: int, scheme: QuantScheme) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    if scheme.kind == "nvfp4" and scheme.has_input_scale:
+        # vLLM's W4A4 loaders need the calibrated input global scale of every linear; without it the
+        # layerwise reload would process the layer with an uninitialised one.
+        raise UnsupportedQuantization(
+            f"NVFP4 with static input activations ({scheme.source} {scheme.format}) needs calibrated input "
+            "global scales, which the trainer cannot compute; serve the weight-only form (compressed-tensors "
+            "NVFP4A16 or ModelOpt W4A16_NVFP4)"
+        )
+    group = scheme.group_size or 0
+    if cols % group:
+        raise ValueError(
+            f"{scheme.kind} needs the input dim to be a multiple of {group}, got shape {(rows, cols)} "
+            "(vLLM refuses such a layer too)"
+        )
+    if scheme.kind == "mxfp8":
+        dtypes_shapes = [(FP8_DTYPE, (rows, cols)), (mx_quantize.E8M0_DTYPE, (rows, cols // group))]
+    else:
+        global_shape = (1,) if scheme.source == "compressed-tensors" else ()
+        dtypes_shapes = [
+            (mx_quantize.NVFP4_PACKED_DTYPE, (rows, cols // 2)),
+            (FP8_DTYPE, (rows, cols // group)),
+            (SCALE_DTYPE, global_shape),
+        ]
+    return dict(zip(mx_tensor_names(scheme), dtypes_shapes, strict=True))
+
+
+def _quantize_mx(
+    weight: torch.Tensor, scheme: QuantScheme, global_amax: torch.Tensor | None, check_finite: bool
+) -> dict[str, torch.Tensor]:
+    names = mx_tensor_names(scheme)
+    if scheme.kind == "mxfp8":
+        return dict(zip(names, mx_quantize.quantize_mxfp8(weight, check_finite=check_finite), strict=True))
+    packed, scale, g = mx_quantize.quantize_nvfp4(weight, global_amax, check_finite=check_finite)
+    stored = g.reshape(1) if scheme.source == "compressed-tensors" else (1.0 / g).to(SCALE_DTYPE)
+    return dict(zip(names, (packed, scale, stored), strict=True))
+
+
 def quantized_specs(
     shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, scheme: QuantScheme
 ) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
@@ -171,6 +227,8 @@ def quantized_specs(
     if not scheme.quantized:
         return {"weight": (dtype, shape)}
     _check_input(shape, dtype)
+    if scheme.kind in ("mxfp8", "nvfp4"):
+        return _mx_specs(shape[0], shape[1], scheme)
     return {
         "weight": (FP8_DTYPE, shape),
         scheme.weight_scale_name: (SCALE_DTYPE, _scale_shape(shape[0], shape[1], scheme)),
@@ -183,6 +241,7 @@ def quantize_weight(
     *,
     compiled: bool = False,
     check_finite: bool = True,
+    global_amax: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """The checkpoint tensors of one linear weight (out, in) under `scheme`, keyed by suffix.
 
@@ -193,10 +252,18 @@ def quantize_weight(
     reference run on the same device: CUDA computes `t / 448.0` as `t * (1 / 448.0)`, CPU divides.
     `check_finite` raises `ValueError` on inf/NaN weights (seen in the scales, which any non-finite
     value poisons; costs one host sync).
+
+    MXFP8 / NVFP4 return the tensors of `mx_tensor_names`. `global_amax` (NVFP4 only) is max |x| over
+    every tensor sharing this weight's global scale (the shards of one fused vLLM module, all of an
+    FSDP-sharded weight); None uses this weight alone.
     """
     if not scheme.quantized:
         return {"weight": weight}
     _check_input(tuple(weight.shape), weight.dtype)
+    if scheme.kind in ("mxfp8", "nvfp4"):
+        return _quantize_mx(weight, scheme, global_amax, check_finite)
+    if global_amax is not None:
+        raise ValueError(f"global_amax is only meaningful for nvfp4, not {scheme.kind}")
     core = _fused_block(weight, scheme) or _core(scheme)
     if compiled:
         core = _compiled(core)

@@ -24,6 +24,7 @@ from trainer_side.layers import (
     PRE_LAYERS,
     ChunkPlan,
     TensorSpec,
+    chunk_global_amaxes,
     materialize,
     output_specs,
     plan_chunks,
@@ -90,8 +91,9 @@ def plan_stream(
 def _build(chunk: ChunkPlan, scheme: QuantScheme, dtype: torch.dtype | None) -> LayerChunk:
     tensors: list[tuple[str, Tensor]] = []
     gathered = 0
+    amax_of = chunk_global_amaxes(chunk.sources, scheme, dtype)  # NVFP4 global scales; {} otherwise
     for src in chunk.sources:
-        named, nbytes = materialize(src, scheme, dtype)
+        named, nbytes = materialize(src, scheme, dtype, amax_of)
         tensors += named
         gathered += nbytes
     return LayerChunk(chunk.label, tensors, gathered)
@@ -138,7 +140,9 @@ class _ScaleCheck:
                   and t.is_floating_point() and t.dtype.itemsize >= 2]  # fmt: skip
         if not scales:
             return None
-        return cls(chunk.label, scales, torch.stack([~torch.isfinite(t).all() for _, t in scales]).any())
+        # One flat copy of the (small) scales, then one reduction: a few kernel launches per chunk.
+        flat = torch.cat([t.reshape(-1).float() for _, t in scales])
+        return cls(chunk.label, scales, ~torch.isfinite(flat).all())
 
     def raise_if_bad(self) -> None:
         if bool(self.flag):
