@@ -4,14 +4,18 @@
 and `/weights`. The engine-specific work is done by a `WeightSyncBackend` (the vLLM one lives in
 `inference_worker`). This module owns what every server must do the same way: bearer-token auth on
 admin routes (constant-time compare, the token never logged), one sync at a time (409 for a second),
-and mapping backend errors to status codes with a message that names the cause.
+and mapping backend errors to status codes with a message that names the cause. After every
+`/update_weights` it logs one line and tells the router's observers (metrics) what happened
+(`rpc.sync_events.SyncEvent`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from fastapi import APIRouter, Depends, HTTPException, Request
@@ -24,7 +28,10 @@ from configs.api import (
     UpdateWeightsResponse,
     WeightsStatus,
 )
-from rpc.errors import ApiError, Conflict
+from rpc.errors import ApiError, Conflict, SyncTimedOut
+from rpc.sync_events import Outcome, SyncEvent, SyncObserver, log_sync_event
+
+_log = logging.getLogger("layercast.server")
 
 # Generation routes refused while the model is torn (a failed sync left it half-updated).
 GENERATION_PATHS: tuple[str, ...] = (
@@ -69,8 +76,40 @@ def _error(exc: ApiError) -> JSONResponse:
     return JSONResponse(status_code=exc.status_code, content=body)
 
 
-def build_router(get_backend: Callable[[], WeightSyncBackend], token: str | None) -> APIRouter:
+def _state(get_backend: Callable[[], WeightSyncBackend]) -> str | None:
+    try:
+        return get_backend().status().state
+    except ApiError:
+        return None
+
+
+def _failure_outcome(exc: ApiError, before: str | None, after: str | None) -> Outcome:
+    if after == "torn" and before != "torn":
+        return "torn"
+    if isinstance(exc, SyncTimedOut):
+        return "timed_out"
+    if isinstance(exc, Conflict):  # the backend raises Conflict when a receiver refused the header
+        return "refused"
+    return "error"
+
+
+def _notify(observers: Sequence[SyncObserver], event: SyncEvent) -> None:
+    for observe in observers:
+        try:
+            observe(event)
+        except Exception:  # an observer never breaks a sync's answer
+            _log.exception("sync observer %r failed", observe)
+
+
+def build_router(
+    get_backend: Callable[[], WeightSyncBackend],
+    token: str | None,
+    observers: Sequence[SyncObserver] = (),
+) -> APIRouter:
+    """The routes; `observers` are called with a `SyncEvent` after every `/update_weights` that ran
+    (a 409 for a concurrent call is not a sync), after the sync's log line."""
     router = APIRouter(tags=["layercast"])
+    sync_observers = (log_sync_event, *observers)
     admin = [Depends(bearer_auth(token))]
     sync_lock = asyncio.Lock()
 
@@ -89,10 +128,32 @@ def build_router(get_backend: Callable[[], WeightSyncBackend], token: str | None
         if sync_lock.locked():
             return _error(Conflict("another sync or init is in progress on this server"))
         async with sync_lock:
+            started = time.perf_counter()
+            before = _state(get_backend)
             try:
-                return await get_backend().update_weights(req)
+                resp = await get_backend().update_weights(req)
             except ApiError as exc:
+                event = SyncEvent(
+                    sync_id=req.sync_id,
+                    weights_version=req.weights_version,
+                    outcome=_failure_outcome(exc, before, _state(get_backend)),
+                    seconds=time.perf_counter() - started,
+                    error=f"{type(exc).__name__} ({exc.status_code}): {exc}",
+                )
+                _notify(sync_observers, event)
                 return _error(exc)
+            event = SyncEvent(
+                sync_id=resp.sync_id,
+                weights_version=resp.weights_version,
+                outcome="ok",
+                seconds=time.perf_counter() - started,
+                bytes_received=resp.bytes_received,
+                num_tensors=resp.num_tensors,
+                load_path=resp.load_path,
+                timings=resp.timings,
+            )
+            _notify(sync_observers, event)
+            return resp
 
     @router.get("/weights", response_model=WeightsStatus)
     async def weights() -> WeightsStatus:
