@@ -81,17 +81,18 @@ class ServerSettings(RoleSettings):
     model_config = SettingsConfigDict(env_prefix="LAYERCAST_SERVER_", extra="forbid")
 
     model: str = Field(min_length=1, description="HF model id or local directory")
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=1, le=65535)
+    host: str = Field(default="127.0.0.1", description="address to bind (0.0.0.0 for other hosts)")
+    port: int = Field(default=8000, ge=1, le=65535, description="HTTP port")
     token: SecretStr | None = Field(
         default=None,
         validation_alias=AliasChoices("token", "layercast_server_token", "layercast_admin_token"),
+        description="bearer token of the admin routes (put it in the environment, not the file)",
     )
-    served_model_name: str | None = None
+    served_model_name: str | None = Field(default=None, description="the model name clients send")
     dev_mode: bool = Field(default=False, description="VLLM_SERVER_DEV_MODE=1 (vLLM's /pause, /resume)")
     gloo_socket_ifname: str | None = Field(default=None, description="the NIC Gloo uses (multi-node)")
     env: dict[str, str] = Field(default_factory=dict, description="extra environment for the server")
-    vllm_args: list[str] = Field(default_factory=list)
+    vllm_args: list[str] = Field(default_factory=list, description="more `vllm serve` arguments, as is")
 
     def serve_argv(self) -> list[str]:
         """Arguments of `layercast serve` (the token travels in the environment, never in argv)."""
@@ -121,11 +122,13 @@ class OrchestratorSettings(RoleSettings):
     section: ClassVar[str] = "orchestrator"
     model_config = SettingsConfigDict(env_prefix="LAYERCAST_ORCHESTRATOR_", extra="forbid")
 
-    servers: list[str] = Field(min_length=1)
-    token: SecretStr | None = None
-    timeout_s: float = Field(default=600.0, gt=0)
-    http_timeout_s: float = Field(default=30.0, gt=0)
-    pause: Literal["abort", "wait", "keep"] | None = None
+    servers: list[str] = Field(min_length=1, description="base URLs of the inference servers")
+    token: SecretStr | None = Field(default=None, description="the servers' bearer token")
+    timeout_s: float = Field(default=600.0, gt=0, description="deadline of one sync on every server")
+    http_timeout_s: float = Field(default=30.0, gt=0, description="deadline of the short HTTP calls")
+    pause: Literal["abort", "wait", "keep"] | None = Field(
+        default=None, description="vLLM /pause mode around the swap (needs dev_mode); None: no pause"
+    )
 
     def build(self) -> Any:
         from rpc.orchestrator import SyncOrchestrator

@@ -16,12 +16,14 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Annotated, Any, Protocol
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from configs.api import (
+    ErrorBody,
     InitBroadcasterRequest,
     InitBroadcasterResponse,
     UpdateWeightsRequest,
@@ -56,10 +58,14 @@ class DryRunBackend(Protocol):
     async def check(self, req: CheckRequest) -> CheckResponse: ...
 
 
-def bearer_auth(token: str | None) -> Callable[[Request], None]:
+# Declares the scheme in the OpenAPI schema (vLLM's /docs shows the lock); the check itself is ours.
+_BEARER = HTTPBearer(auto_error=False, description="the server's LAYERCAST_ADMIN_TOKEN, when one is set")
+
+
+def bearer_auth(token: str | None) -> Callable[..., None]:
     """A dependency that demands `Authorization: Bearer <token>` when a token is configured."""
 
-    def check(request: Request) -> None:
+    def check(request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]) -> None:
         if not token:
             return
         header = request.headers.get("authorization", "")
@@ -74,6 +80,16 @@ def bearer_auth(token: str | None) -> Callable[[Request], None]:
             raise HTTPException(status_code=403, detail="wrong bearer token")
 
     return check
+
+
+def _responses(**codes: str) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the error answers of an admin route: 401/403 (`{"detail": ...}`) and the
+    backend's errors (`ErrorBody`), each `_CODE="when"`."""
+    out: dict[int | str, dict[str, Any]] = {
+        401: {"description": "no bearer token (when the server has one)"},
+        403: {"description": "wrong bearer token"},
+    }
+    return out | {int(code[1:]): {"model": ErrorBody, "description": text} for code, text in codes.items()}
 
 
 def _error(exc: ApiError) -> JSONResponse:
@@ -120,8 +136,20 @@ def build_router(
     admin = [Depends(bearer_auth(token))]
     sync_lock = asyncio.Lock()
 
-    @router.post("/init_broadcaster", dependencies=admin, response_model=InitBroadcasterResponse)
+    @router.post(
+        "/init_broadcaster",
+        dependencies=admin,
+        response_model=InitBroadcasterResponse,
+        responses=_responses(
+            _400="the request cannot be served (e.g. the load path asked for is refused, with the reason)",
+            _409="a sync or an init is in progress",
+            _503="the engine is not up yet",
+            _504="the rendezvous passed its deadline",
+        ),
+    )
     async def init_broadcaster(req: InitBroadcasterRequest) -> InitBroadcasterResponse | JSONResponse:
+        """Join every worker of this server to the trainer's broadcast group (a rendezvous: the trainer
+        and every server call at once). Answers the ranks taken and the load path chosen, with why."""
         if sync_lock.locked():
             return _error(Conflict("a sync or an init is in progress; retry when it ends"))
         async with sync_lock:
@@ -130,8 +158,21 @@ def build_router(
             except ApiError as exc:
                 return _error(exc)
 
-    @router.post("/update_weights", dependencies=admin, response_model=UpdateWeightsResponse)
+    @router.post(
+        "/update_weights",
+        dependencies=admin,
+        response_model=UpdateWeightsResponse,
+        responses=_responses(
+            _409="another sync or init is in progress, or a receiver refused the trainer's header "
+            "(the reason is named; nothing was loaded)",
+            _502="the sync failed (the reason is named); if loading had begun, the server is torn",
+            _503="not initialised: call /init_broadcaster first",
+            _504="a deadline passed (what was waited for, and how long, is named)",
+        ),
+    )
     async def update_weights(req: UpdateWeightsRequest) -> UpdateWeightsResponse | JSONResponse:
+        """Receive one sync from the trainer and load it; answers when it is loaded (or refused).
+        Logged in one line and counted in layercast's Prometheus metrics."""
         if sync_lock.locked():
             return _error(Conflict("another sync or init is in progress on this server"))
         async with sync_lock:
@@ -165,7 +206,12 @@ def build_router(
     if get_checker is not None:
         checker = get_checker
 
-        @router.post("/check", dependencies=admin, response_model=CheckResponse)
+        @router.post(
+            "/check",
+            dependencies=admin,
+            response_model=CheckResponse,
+            responses=_responses(_409="a sync or an init is in progress"),
+        )
         async def check(req: CheckRequest) -> CheckResponse | JSONResponse:
             """Dry run: the load path `/init_broadcaster` would choose and whether the trainer's
             manifest fits, without joining a group or touching the weights."""
@@ -178,6 +224,8 @@ def build_router(
 
     @router.get("/weights", response_model=WeightsStatus)
     async def weights() -> WeightsStatus:
+        """State of the weights (`uninitialized`, `ready`, `syncing`, `torn`, `failed`), the version
+        served, the scheme, the load path, the last sync's timings and the last error. No auth."""
         return get_backend().status()
 
     return router
