@@ -21,7 +21,6 @@ from typing import Any
 import httpx
 import torch
 from rich.console import Console
-from rich.table import Table
 
 from configs.api import RuntimeTensor
 from configs.check import CheckRequest, CheckResponse
@@ -32,7 +31,7 @@ from trainer_side.kernel_layout import KernelLayoutError, fuse_specs
 from trainer_side.preflight import Preflight, preflight
 from trainer_side.walker import plan_stream
 
-MAX_LISTED = 10
+MAX_LISTED = 5
 SENDER_BUCKETS = 2  # the sender double-buffers its buckets
 
 
@@ -270,39 +269,34 @@ def print_report(report: CheckReport, console: Console) -> None:
     console.print(line)
     if report.kernel_layout_error:
         console.print(f"kernel layout: the trainer cannot fuse this stream: {report.kernel_layout_error}")
-    table = Table(title="servers")
-    for col in ("server", "state", "load path", "why", "manifest", "ok"):
-        table.add_column(col, overflow="fold")
     for s in report.servers:
+        verdict = "[green]ok[/]" if s.ok else "[red]NOT ok[/]"
         if s.error:
-            table.add_row(s.url, "-", "-", s.error, "-", "[red]no[/]")
+            console.print(f"{s.url}: {verdict}: cannot ask it: {s.error}")
             continue
-        lines = [f"checkpoint names: {s.checkpoint_problem or 'fit'}"]
-        if s.kernel_diff is not None:
-            d = s.kernel_diff
-            if d.empty and s.kernel_problem is None:
-                lines.append("runtime layout: equal")
-            else:
-                lines.append(
-                    f"runtime layout: {len(d.missing)} missing, {len(d.extra)} extra, "
-                    f"{len(d.mismatched)} mismatched"
-                )
-                listed = {"missing": d.missing, "extra": d.extra, "mismatched": d.mismatched}
-                for label, items in listed.items():
-                    if items:
-                        lines.append(f"  {label}: {_listed(items)}")
-                if d.empty and s.kernel_problem:
-                    lines.append(f"  {s.kernel_problem}")
         version = f" v{s.weights_version}" if s.weights_version is not None else ""
-        table.add_row(
-            s.url,
-            f"{s.state}{version} ({s.num_workers} worker(s))",
-            s.load_path or "[red]refused[/]",
-            s.load_path_reason,
-            "\n".join(lines),
-            "[green]yes[/]" if s.ok else "[red]no[/]",
+        path = f"[bold]{s.load_path}[/]" if s.load_path else "[red]refused[/]"
+        console.print(f"{s.url}: {verdict}: {s.state}{version}, {s.num_workers} worker(s); load path {path}")
+        console.print(f"  why: {s.load_path_reason}", markup=False)
+        where = " (what the chosen path loads)" if s.load_path != "kernel" else ""
+        console.print(f"  checkpoint names{where}: {s.checkpoint_problem or 'fit'}", markup=False)
+        if s.kernel_diff is None:
+            continue
+        d = s.kernel_diff
+        where = " (what the chosen path loads)" if s.load_path == "kernel" else ""
+        if d.empty and s.kernel_problem is None:
+            console.print(f"  runtime layout{where}: equal", markup=False)
+            continue
+        console.print(
+            f"  runtime layout{where}: {len(d.missing)} missing, {len(d.extra)} extra, "
+            f"{len(d.mismatched)} mismatched",
+            markup=False,
         )
-    console.print(table)
+        for label, items in (("missing", d.missing), ("extra", d.extra), ("mismatched", d.mismatched)):
+            if items:
+                console.print(f"    {label}: {_listed(items)}", markup=False)
+        if s.kernel_problem and s.kernel_problem.startswith("kernel layout not copyable"):
+            console.print(f"    {s.kernel_problem}", markup=False)
     console.print("[bold green]check passed[/]" if report.ok else "[bold red]check FAILED[/]")
 
 

@@ -238,7 +238,8 @@ def test_check_passes_for_the_served_model(
                     env={"LAYERCAST_TRAINER_TOKEN": TOKEN})  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
     text = " ".join(out.stdout.split())
-    assert "scheme none" in text and "layerwise" in text and "checkpoint names: fit" in text
+    assert "scheme none" in text and "load path layerwise" in text
+    assert "checkpoint names (what the chosen path loads): fit" in text
     assert "check passed" in text and TOKEN not in out.stdout + out.stderr
     rc, report = check_json("--load-path", "auto", "--dtype", "float32")
     assert rc == 0 and report["ok"] and report["scheme"] == "none"
