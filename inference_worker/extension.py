@@ -20,6 +20,7 @@ import torch
 
 from broadcaster.checksum import weights_digest
 from inference_worker import load_paths, vllm_compat
+from inference_worker.check_worker import ManifestCheckMixin
 from inference_worker.sync_worker import BroadcastReceiverMixin
 
 vllm_compat.maybe_use_plain_cpu_linear()
@@ -27,7 +28,7 @@ vllm_compat.maybe_use_plain_cpu_linear()
 MAX_KEPT_STATS = 64
 
 
-class LayercastWorkerExtension(BroadcastReceiverMixin):
+class LayercastWorkerExtension(BroadcastReceiverMixin, ManifestCheckMixin):
     """Methods added to the vLLM worker; all names start with ``layercast_`` / ``_layercast`` / ``_load``."""
 
     # --- helpers ------------------------------------------------------------------------------

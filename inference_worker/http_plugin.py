@@ -2,11 +2,14 @@
 
 Registered under the `vllm.endpoint_plugins` entry-point group (see pyproject.toml) and enabled by
 `layercast serve` through `VLLM_PLUGINS`; users keep every vLLM route and flag. Also installs the
-middleware that answers 503 on generation routes while a failed sync has left the model torn.
+middleware that answers 503 on generation routes while a failed sync has left the model torn, records
+every sync in layercast's Prometheus metrics (served by vLLM's `/metrics`) and makes the `layercast`
+logger print its per-sync lines next to vLLM's own (unless logging was configured otherwise).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from argparse import Namespace
 from typing import Any
@@ -14,12 +17,28 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from inference_worker.dry_run import VllmDryRun
 from inference_worker.engine_backend import VllmSyncBackend
+from inference_worker.metrics import default_metrics
 from rpc.errors import NotReady
 from rpc.routes import GENERATION_PATHS, build_router
 
 PLUGIN_NAME = "layercast"
 TOKEN_ENV = "LAYERCAST_ADMIN_TOKEN"
+LOG_FORMAT = "%(levelname)s %(asctime)s [%(name)s] %(message)s"
+
+
+def configure_logging() -> None:
+    """INFO lines of the `layercast` loggers to stderr, as vLLM does for its own, unless the user
+    configured them (a handler is already there) or turned vLLM's logging setup off."""
+    root = logging.getLogger("layercast")
+    if root.handlers or os.environ.get("VLLM_CONFIGURE_LOGGING", "1") == "0":
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%m-%d %H:%M:%S"))
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    root.propagate = False
 
 
 class LayercastEndpointPlugin:
@@ -28,15 +47,28 @@ class LayercastEndpointPlugin:
 
     def __init__(self) -> None:
         self.backend: VllmSyncBackend | None = None
+        self.dry_run: VllmDryRun | None = None
 
     def _backend(self) -> VllmSyncBackend:
         if self.backend is None:
             raise NotReady("the engine is not up yet")
         return self.backend
 
+    def _dry_run(self) -> VllmDryRun:
+        if self.dry_run is None:
+            raise NotReady("the engine is not up yet")
+        return self.dry_run
+
     def attach_router(self, app: FastAPI) -> None:
+        configure_logging()
         before = len(app.router.routes)
-        app.include_router(build_router(self._backend, os.environ.get(TOKEN_ENV) or None))
+        router = build_router(
+            self._backend,
+            os.environ.get(TOKEN_ENV) or None,
+            observers=[default_metrics().observe],
+            get_checker=self._dry_run,
+        )
+        app.include_router(router)
         # Starlette takes the first matching route: put ours first, so that with VLLM_SERVER_DEV_MODE=1
         # layercast's /update_weights wins over vLLM's weight-transfer route of the same path (its
         # /pause, /resume and the rest stay available).
@@ -63,5 +95,7 @@ class LayercastEndpointPlugin:
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         if engine_client is not None:
-            self.backend = VllmSyncBackend(engine_client)
+            backend = VllmSyncBackend(engine_client)
+            self.backend = backend
+            self.dry_run = VllmDryRun(engine_client, backend.status)
 

@@ -1,4 +1,4 @@
-"""The `layercast` command: `serve`, `demo` (more subcommands arrive with their features).
+"""The `layercast` command: `serve`, `demo`, `bench`, `check`; `layercast COMMAND --help` for each.
 
 Each subcommand imports its heavy dependencies lazily, so `layercast --help` is instant and the trainer
 side never needs vLLM installed.
@@ -9,8 +9,32 @@ from __future__ import annotations
 import argparse
 import sys
 
+SERVE_HELP = """\
+usage: layercast serve [MODEL] [--config FILE] [--layercast-token TOKEN] [vllm serve args...]
+
+vLLM's OpenAI server with layercast's worker extension and routes (/init_broadcaster, /update_weights,
+/weights, /check; layercast metrics on vLLM's /metrics). Every `vllm serve` argument is accepted.
+Binds 127.0.0.1 unless --host is given. The admin token: LAYERCAST_ADMIN_TOKEN (or --layercast-token).
+
+  --config FILE   TOML settings: its [server] table (model, host, port, served_model_name, token,
+                  dev_mode, gloo_socket_ifname, env, vllm_args), overridden by LAYERCAST_SERVER_*
+                  variables, overridden by MODEL / --host / --port / --served-model-name / --layercast-token.
+
+vLLM's own options follow.
+"""
+
 
 def _serve(argv: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        print(SERVE_HELP)
+    from configs.settings import SettingsError
+    from rpc.serve_settings import apply
+
+    try:
+        argv = apply(argv)
+    except (SettingsError, ValueError) as exc:
+        print(f"layercast serve: {exc}", file=sys.stderr)
+        return 2
     from inference_worker.serve import main as serve_main
 
     serve_main(argv)
@@ -23,16 +47,32 @@ def _demo(argv: list[str]) -> int:
     return demo_main(argv)
 
 
+def _bench(argv: list[str]) -> int:
+    from rpc.bench import main as bench_main
+
+    return bench_main(argv)
+
+
+def _check(argv: list[str]) -> int:
+    from rpc.check import main as check_main
+
+    return check_main(argv)
+
+
 COMMANDS = {
     "serve": (_serve, "start vLLM's OpenAI server with layercast's routes (all `vllm serve` args accepted)"),
     "demo": (_demo, "the main job: a tiny model served by vLLM, RL-like steps, sync + verify each step"),
+    "bench": (_bench, "run a benchmark from bench/ (broadcast, quant, fp8-e2e); args pass through"),
+    "check": (_check, "dry run against live servers: scheme, load path, manifest differences, memory"),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(
-        prog="layercast", description="Trainer-to-inference weight broadcast for RL (FP8, layer by layer)."
+        prog="layercast",
+        description="Trainer-to-inference weight broadcast for RL (FP8, layer by layer).",
+        epilog="`layercast COMMAND --help` describes each command.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():

@@ -2,7 +2,10 @@
 
 Each step changes the trainer's weights (seeded noise standing in for an optimizer step), pushes them to
 every server through layercast, then verifies each server's greedy generation and logprobs against a
-reference computed from the trainer's new weights, and prints a table of per-step timings.
+reference of the trainer's new weights, and prints a table of per-step timings. References: `hf`, the
+trainer's own model through HF transformers (unquantized models); `engine`, a fresh vLLM engine started
+from the trainer's new weights written as the served checkpoint (the FP8 schemes, on GPU; as
+`bench/gpu_fp8_e2e.py`). Options come from `--config`'s `[demo]` table, `LAYERCAST_DEMO_*` and flags.
 """
 
 from __future__ import annotations
@@ -12,42 +15,52 @@ import asyncio
 import json
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
+from configs.settings import DemoSettings, SettingsError, cli_parser, load_settings
 from configs.trainer import BroadcasterConfig
 from rpc.client import AsyncServerClient
+from rpc.demo_fp8 import fp8_shape, quantization_config, scheme_problem
 from rpc.launch import ServerProcess, free_port, tiny_model_serve_args
 from trainer_side.broadcast import WeightBroadcaster
-from trainer_side.toy_models import perturb_, save_toy, toy_config, toy_model
+from trainer_side.checkpoint import write_hf_checkpoint
+from trainer_side.detect import detect_quant_scheme
+from trainer_side.toy_models import perturb_, save_toy, toy_config, toy_model, toy_tokenizer
 
 PROMPT = [5, 17, 42, 99, 7, 256]
+MAX_LOGPROB_DIFF = 1e-3
+Generation = tuple[list[int], list[float]]
 
 
-def _parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="layercast demo", description=__doc__)
-    p.add_argument("--arch", default="qwen3", choices=["llama", "qwen3", "qwen3_moe"])
-    p.add_argument("--hidden-size", type=int, default=128)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--vocab-size", type=int, default=512)
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--servers", type=int, default=1)
-    p.add_argument("--load-path", default="auto", choices=["auto", "kernel", "checkpoint", "layerwise"])
-    p.add_argument("--bucket-mib", type=float, default=64.0)
-    p.add_argument("--max-tokens", type=int, default=8)
-    p.add_argument("--workdir", default=None, help="where the model and server logs go (default: a temp dir)")
-    p.add_argument("--json", default=None, help="also write the per-step results to this JSON file")
-    return p.parse_args(argv)
+def parse_settings(argv: list[str]) -> DemoSettings:
+    """`[demo]` of `--config` < `LAYERCAST_DEMO_*` < flags."""
+    p = cli_parser(DemoSettings, argparse.ArgumentParser(prog="layercast demo", description=__doc__))
+    p.add_argument("--config", default=None, help="TOML settings file (its [demo] table)")
+    p.add_argument("--json", dest="results_json", default=None, help="same as --results-json")
+    values = vars(p.parse_args(argv))
+    return load_settings(DemoSettings, values.pop("config"), values)
 
 
 @torch.no_grad()
-def reference_greedy(model: torch.nn.Module, prompt: list[int], n: int) -> tuple[list[int], list[float]]:
+def reference_greedy(model: torch.nn.Module, prompt: list[int], n: int) -> Generation:
     """Greedy tokens and their logprobs from the trainer's own model (HF transformers, fp32)."""
-    ids = torch.tensor([prompt])
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt], device=device)
     tokens: list[int] = []
     logprobs: list[float] = []
     for _ in range(n):
@@ -56,109 +69,184 @@ def reference_greedy(model: torch.nn.Module, prompt: list[int], n: int) -> tuple
         tok = int(torch.argmax(lp))
         tokens.append(tok)
         logprobs.append(float(lp[tok]))
-        ids = torch.cat([ids, torch.tensor([[tok]])], dim=1)
+        ids = torch.cat([ids, torch.tensor([[tok]], device=device)], dim=1)
     return tokens, logprobs
 
 
-async def _generate(url: str, model_name: str, n: int) -> tuple[list[int], list[float]]:
+async def _generate(url: str, model_name: str, n: int) -> Generation:
     async with AsyncServerClient(url, timeout_s=120.0) as client:
         out = await client.complete_tokens(model_name, PROMPT, n, logprobs=1)
     choice = out["choices"][0]
     return list(choice["token_ids"]), [float(x) for x in choice["logprobs"]["token_logprobs"]]
 
 
+def generate(url: str, n: int) -> Generation:
+    return asyncio.run(_generate(url, "toy", n))
+
+
+@dataclass
+class DemoSetup:
+    """Where things run and how the served model is written, decided before anything starts."""
+
+    settings: DemoSettings
+    work: Path
+    gpu: bool
+    dtype: torch.dtype
+    trainer_device: torch.device
+    quant: dict[str, Any] | None
+    reference: str
+    serve_args: list[str]
+    server_envs: list[dict[str, str]]
+    reference_env: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, s: DemoSettings, cuda_devices: int) -> DemoSetup:
+        """Raises `ValueError` (with the reason) when the demo cannot run here as asked."""
+        problem = scheme_problem(s.scheme, s.servers, s.hidden_size, cuda_devices)
+        if problem:
+            raise ValueError(problem)
+        fp8 = s.scheme != "none"
+        reference = s.reference if s.reference != "auto" else ("engine" if fp8 else "hf")
+        work = Path(s.workdir or tempfile.mkdtemp(prefix="layercast-demo-"))
+        if not fp8:
+            return cls(s, work, False, torch.float32, torch.device("cpu"), None, reference,
+                       tiny_model_serve_args(), [{} for _ in range(s.servers)])  # fmt: skip
+        # FP8 on GPU: bf16 trainer on GPU 0 (with the reference engines), server i on GPU i + 1.
+        serve_args = [
+            "--dtype", "bfloat16", "--max-model-len", "256", "--max-num-seqs", "4", "--enforce-eager",
+            "--served-model-name", "toy", "--kv-cache-memory-bytes", str(64 * 2**20),
+            "--gpu-memory-utilization", "0.2",
+        ]  # fmt: skip
+        envs = [{"CUDA_VISIBLE_DEVICES": str(i + 1)} for i in range(s.servers)]
+        return cls(s, work, True, torch.bfloat16, torch.device("cuda", 0), quantization_config(s.scheme),
+                   reference, serve_args, envs, {"CUDA_VISIBLE_DEVICES": "0"})  # fmt: skip
+
+    def model_config(self) -> Any:
+        s = self.settings
+        shape: dict[str, Any] = {
+            "hidden_size": s.hidden_size, "num_hidden_layers": s.layers, "vocab_size": s.vocab_size,
+            "intermediate_size": s.hidden_size * 2,
+        }  # fmt: skip
+        if self.quant is not None:
+            shape |= fp8_shape(s.hidden_size)
+        return toy_config(s.arch, self.dtype, **shape)
+
+    def write_served_model(self, model: torch.nn.Module, out: Path) -> Path:
+        """The checkpoint a server starts from: the toy as is, or quantized with its FP8 config."""
+        if self.quant is None:
+            return save_toy(model, out)
+        base = model.config.to_dict() | {"quantization_config": self.quant}
+        write_hf_checkpoint(model, detect_quant_scheme(base), out, base)
+        toy_tokenizer(model.config.vocab_size).save_pretrained(out)
+        return out
+
+
+def engine_reference(setup: DemoSetup, model: torch.nn.Module, step: int) -> Generation:
+    """Greedy generation of a fresh vLLM engine started from `model` written as the served checkpoint."""
+    ref_dir = setup.write_served_model(model, setup.work / f"reference-step{step}")
+    ref = ServerProcess(ref_dir, extra_args=setup.serve_args, env=setup.reference_env,
+                        log_path=setup.work / f"reference-step{step}.log")  # fmt: skip
+    try:
+        ref.wait_ready()
+        return generate(ref.url, setup.settings.max_tokens)
+    finally:
+        ref.stop()
+
+
 def main(argv: list[str]) -> int:
-    args = _parse(argv)
     console = Console()
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="layercast-demo-"))
-    work.mkdir(parents=True, exist_ok=True)
-    cfg = toy_config(
-        args.arch,
-        torch.float32,
-        hidden_size=args.hidden_size,
-        num_hidden_layers=args.layers,
-        vocab_size=args.vocab_size,
-        intermediate_size=args.hidden_size * 2,
-    )
-    trainer_model = toy_model(cfg, seed=0)
-    model_dir = save_toy(trainer_model, work / "model")
+    try:
+        settings = parse_settings(argv)
+        setup = DemoSetup.of(settings, torch.cuda.device_count())
+    except (SettingsError, ValueError) as exc:  # before anything started
+        console.print(f"[bold red]layercast demo:[/] {exc}")
+        return 2
+    return run(setup, console)
+
+
+def run(setup: DemoSetup, console: Console) -> int:
+    s = setup.settings
+    setup.work.mkdir(parents=True, exist_ok=True)
+    trainer_model = toy_model(setup.model_config(), seed=0).to(setup.trainer_device)
+    model_dir = setup.write_served_model(trainer_model, setup.work / "model")
     params = sum(p.numel() for p in trainer_model.parameters())
     console.print(
-        f"[bold]layercast demo[/]: {args.arch}, {params / 1e6:.2f}M params, {args.layers} layers, "
-        f"{args.servers} server(s), load path {args.load_path}; work dir {work}"
+        f"[bold]layercast demo[/]: {s.arch}, {params / 1e6:.2f}M params, {s.layers} layers, "
+        f"scheme {s.scheme}, {s.servers} server(s), load path {s.load_path}, "
+        f"reference {setup.reference}; work dir {setup.work}"
     )
-
     servers = [
-        ServerProcess(
-            model_dir,
-            extra_args=tiny_model_serve_args(),
-            log_path=work / f"server{i}.log",
-        )
-        for i in range(args.servers)
+        ServerProcess(model_dir, extra_args=setup.serve_args, env=env, log_path=setup.work / f"server{i}.log")
+        for i, env in enumerate(setup.server_envs)
     ]
+    reference: Callable[[int], Generation]
+    if setup.reference == "engine":
+        reference = lambda step: engine_reference(setup, trainer_model, step)  # noqa: E731
+    else:
+        reference = lambda step: reference_greedy(trainer_model, PROMPT, s.max_tokens)  # noqa: E731
     results: list[dict[str, Any]] = []
     ok_all = True
     try:
         t0 = time.perf_counter()
         with console.status("starting vLLM server(s) (about 30 s on CPU)..."):
-            for s in servers:
-                s.wait_ready()
-        console.print(
-            f"server(s) ready in {time.perf_counter() - t0:.1f} s: {', '.join(s.url for s in servers)}"
-        )
+            for server in servers:
+                server.wait_ready()
+        urls = ", ".join(x.url for x in servers)
+        console.print(f"server(s) ready in {time.perf_counter() - t0:.1f} s: {urls}")
         bc = WeightBroadcaster(
             BroadcasterConfig(
-                servers=[s.url for s in servers],
+                servers=[x.url for x in servers],
                 inference_config=str(model_dir),
                 master_port=free_port(),
-                load_path=args.load_path,
-                bucket_bytes=int(args.bucket_mib * 2**20),
+                load_path=s.load_path,
+                bucket_bytes=int(s.bucket_mib * 2**20),
             )
         )
         inits = bc.init()
         for url, r in inits.items():
             console.print(f"{url}: ranks {r.ranks}, load path [bold]{r.load_path}[/] ({r.load_path_reason})")
-        table = Table(title="per-step sync timings")
+        table = Table(title=f"per-step sync timings (scheme {s.scheme})")
         for col in ("step", "bytes", "quantize ms", "send ms", "load ms", "total ms", "MB/s", "verified"):
             table.add_column(col, justify="right")
-        for step in range(1, args.steps + 1):
-            perturb_(trainer_model, step)
-            report = bc.push(trainer_model, version=step)
-            ref_tokens, ref_lps = reference_greedy(trainer_model, PROMPT, args.max_tokens)
-            verdicts = []
-            for s in servers:
-                tokens, lps = asyncio.run(_generate(s.url, "toy", args.max_tokens))
-                max_diff = max(abs(a - b) for a, b in zip(lps, ref_lps, strict=True))
-                verdicts.append(tokens == ref_tokens and max_diff < 1e-3)
-                results.append(
-                    {
-                        "step": step,
-                        "server": s.url,
-                        "tokens": tokens,
-                        "reference": ref_tokens,
-                        "max_logprob_diff": max_diff,
-                    }
+        columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn())  # fmt: skip
+        with Progress(*columns, console=console) as progress:
+            task = progress.add_task("steps", total=s.steps)
+            for step in range(1, s.steps + 1):
+                progress.update(task, description=f"step {step}: change weights, push")
+                perturb_(trainer_model, step)
+                report = bc.push(trainer_model, version=step)
+                progress.update(task, description=f"step {step}: verify ({setup.reference} reference)")
+                ref_tokens, ref_lps = reference(step)
+                verdicts = []
+                for server in servers:
+                    tokens, lps = generate(server.url, s.max_tokens)
+                    max_diff = max(abs(a - b) for a, b in zip(lps, ref_lps, strict=True))
+                    verdicts.append(tokens == ref_tokens and max_diff < MAX_LOGPROB_DIFF)
+                    results.append({"step": step, "server": server.url, "tokens": tokens,
+                                    "reference": ref_tokens, "max_logprob_diff": max_diff})  # fmt: skip
+                load_s = max(r.timings.load_s for r in report.servers.values())
+                verified = all(verdicts)
+                ok_all &= verified
+                table.add_row(
+                    str(step),
+                    f"{report.bytes_sent:,}",
+                    f"{report.quantize_s * 1e3:.1f}",
+                    f"{report.send_s * 1e3:.1f}",
+                    f"{load_s * 1e3:.1f}",
+                    f"{report.total_s * 1e3:.1f}",
+                    f"{report.bytes_sent / report.total_s / 1e6:.1f}",
+                    "[green]yes[/]" if verified else "[red]NO[/]",
                 )
-            load_s = max(r.timings.load_s for r in report.servers.values())
-            verified = all(verdicts)
-            ok_all &= verified
-            table.add_row(
-                str(step),
-                f"{report.bytes_sent:,}",
-                f"{report.quantize_s * 1e3:.1f}",
-                f"{report.send_s * 1e3:.1f}",
-                f"{load_s * 1e3:.1f}",
-                f"{report.total_s * 1e3:.1f}",
-                f"{report.bytes_sent / report.total_s / 1e6:.1f}",
-                "[green]yes[/]" if verified else "[red]NO[/]",
-            )
-            results[-1]["report"] = report.summary()
+                results[-1]["report"] = report.summary()
+                progress.advance(task)
+            progress.update(task, description="steps done")
         console.print(table)
         bc.close()
     finally:
-        for s in servers:
-            s.stop()
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        for server in servers:
+            server.stop()
+    if s.results_json:
+        Path(s.results_json).write_text(json.dumps(results, indent=2))
     console.print("[bold green]all steps verified[/]" if ok_all else "[bold red]verification FAILED[/]")
     return 0 if ok_all else 1

@@ -4,27 +4,37 @@
 and `/weights`. The engine-specific work is done by a `WeightSyncBackend` (the vLLM one lives in
 `inference_worker`). This module owns what every server must do the same way: bearer-token auth on
 admin routes (constant-time compare, the token never logged), one sync at a time (409 for a second),
-and mapping backend errors to status codes with a message that names the cause.
+and mapping backend errors to status codes with a message that names the cause. After every
+`/update_weights` it logs one line and tells the router's observers (metrics) what happened
+(`rpc.sync_events.SyncEvent`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
-from collections.abc import Callable
-from typing import Protocol
+import time
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any, Protocol
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from configs.api import (
+    ErrorBody,
     InitBroadcasterRequest,
     InitBroadcasterResponse,
     UpdateWeightsRequest,
     UpdateWeightsResponse,
     WeightsStatus,
 )
-from rpc.errors import ApiError, Conflict
+from configs.check import CheckRequest, CheckResponse
+from rpc.errors import ApiError, Conflict, SyncTimedOut
+from rpc.sync_events import Outcome, SyncEvent, SyncObserver, log_sync_event
+
+_log = logging.getLogger("layercast.server")
 
 # Generation routes refused while the model is torn (a failed sync left it half-updated).
 GENERATION_PATHS: tuple[str, ...] = (
@@ -44,10 +54,18 @@ class WeightSyncBackend(Protocol):
     def status(self) -> WeightsStatus: ...
 
 
-def bearer_auth(token: str | None) -> Callable[[Request], None]:
+class DryRunBackend(Protocol):
+    async def check(self, req: CheckRequest) -> CheckResponse: ...
+
+
+# Declares the scheme in the OpenAPI schema (vLLM's /docs shows the lock); the check itself is ours.
+_BEARER = HTTPBearer(auto_error=False, description="the server's LAYERCAST_ADMIN_TOKEN, when one is set")
+
+
+def bearer_auth(token: str | None) -> Callable[..., None]:
     """A dependency that demands `Authorization: Bearer <token>` when a token is configured."""
 
-    def check(request: Request) -> None:
+    def check(request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]) -> None:
         if not token:
             return
         header = request.headers.get("authorization", "")
@@ -64,18 +82,74 @@ def bearer_auth(token: str | None) -> Callable[[Request], None]:
     return check
 
 
+def _responses(**codes: str) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the error answers of an admin route: 401/403 (`{"detail": ...}`) and the
+    backend's errors (`ErrorBody`), each `_CODE="when"`."""
+    out: dict[int | str, dict[str, Any]] = {
+        401: {"description": "no bearer token (when the server has one)"},
+        403: {"description": "wrong bearer token"},
+    }
+    return out | {int(code[1:]): {"model": ErrorBody, "description": text} for code, text in codes.items()}
+
+
 def _error(exc: ApiError) -> JSONResponse:
     body = {"error": type(exc).__name__, "detail": str(exc)}
     return JSONResponse(status_code=exc.status_code, content=body)
 
 
-def build_router(get_backend: Callable[[], WeightSyncBackend], token: str | None) -> APIRouter:
+def _state(get_backend: Callable[[], WeightSyncBackend]) -> str | None:
+    try:
+        return get_backend().status().state
+    except ApiError:
+        return None
+
+
+def _failure_outcome(exc: ApiError, before: str | None, after: str | None) -> Outcome:
+    if after == "torn" and before != "torn":
+        return "torn"
+    if isinstance(exc, SyncTimedOut):
+        return "timed_out"
+    if isinstance(exc, Conflict):  # the backend raises Conflict when a receiver refused the header
+        return "refused"
+    return "error"
+
+
+def _notify(observers: Sequence[SyncObserver], event: SyncEvent) -> None:
+    for observe in observers:
+        try:
+            observe(event)
+        except Exception:  # an observer never breaks a sync's answer
+            _log.exception("sync observer %r failed", observe)
+
+
+def build_router(
+    get_backend: Callable[[], WeightSyncBackend],
+    token: str | None,
+    observers: Sequence[SyncObserver] = (),
+    get_checker: Callable[[], DryRunBackend] | None = None,
+) -> APIRouter:
+    """The routes; `observers` are called with a `SyncEvent` after every `/update_weights` that ran
+    (a 409 for a concurrent call is not a sync), after the sync's log line. With `get_checker`, also
+    `POST /check` (the dry run of `layercast check`)."""
     router = APIRouter(tags=["layercast"])
+    sync_observers = (log_sync_event, *observers)
     admin = [Depends(bearer_auth(token))]
     sync_lock = asyncio.Lock()
 
-    @router.post("/init_broadcaster", dependencies=admin, response_model=InitBroadcasterResponse)
+    @router.post(
+        "/init_broadcaster",
+        dependencies=admin,
+        response_model=InitBroadcasterResponse,
+        responses=_responses(
+            _400="the request cannot be served (e.g. the load path asked for is refused, with the reason)",
+            _409="a sync or an init is in progress",
+            _503="the engine is not up yet",
+            _504="the rendezvous passed its deadline",
+        ),
+    )
     async def init_broadcaster(req: InitBroadcasterRequest) -> InitBroadcasterResponse | JSONResponse:
+        """Join every worker of this server to the trainer's broadcast group (a rendezvous: the trainer
+        and every server call at once). Answers the ranks taken and the load path chosen, with why."""
         if sync_lock.locked():
             return _error(Conflict("a sync or an init is in progress; retry when it ends"))
         async with sync_lock:
@@ -84,18 +158,74 @@ def build_router(get_backend: Callable[[], WeightSyncBackend], token: str | None
             except ApiError as exc:
                 return _error(exc)
 
-    @router.post("/update_weights", dependencies=admin, response_model=UpdateWeightsResponse)
+    @router.post(
+        "/update_weights",
+        dependencies=admin,
+        response_model=UpdateWeightsResponse,
+        responses=_responses(
+            _409="another sync or init is in progress, or a receiver refused the trainer's header "
+            "(the reason is named; nothing was loaded)",
+            _502="the sync failed (the reason is named); if loading had begun, the server is torn",
+            _503="not initialised: call /init_broadcaster first",
+            _504="a deadline passed (what was waited for, and how long, is named)",
+        ),
+    )
     async def update_weights(req: UpdateWeightsRequest) -> UpdateWeightsResponse | JSONResponse:
+        """Receive one sync from the trainer and load it; answers when it is loaded (or refused).
+        Logged in one line and counted in layercast's Prometheus metrics."""
         if sync_lock.locked():
             return _error(Conflict("another sync or init is in progress on this server"))
         async with sync_lock:
+            started = time.perf_counter()
+            before = _state(get_backend)
             try:
-                return await get_backend().update_weights(req)
+                resp = await get_backend().update_weights(req)
+            except ApiError as exc:
+                event = SyncEvent(
+                    sync_id=req.sync_id,
+                    weights_version=req.weights_version,
+                    outcome=_failure_outcome(exc, before, _state(get_backend)),
+                    seconds=time.perf_counter() - started,
+                    error=f"{type(exc).__name__} ({exc.status_code}): {exc}",
+                )
+                _notify(sync_observers, event)
+                return _error(exc)
+            event = SyncEvent(
+                sync_id=resp.sync_id,
+                weights_version=resp.weights_version,
+                outcome="ok",
+                seconds=time.perf_counter() - started,
+                bytes_received=resp.bytes_received,
+                num_tensors=resp.num_tensors,
+                load_path=resp.load_path,
+                timings=resp.timings,
+            )
+            _notify(sync_observers, event)
+            return resp
+
+    if get_checker is not None:
+        checker = get_checker
+
+        @router.post(
+            "/check",
+            dependencies=admin,
+            response_model=CheckResponse,
+            responses=_responses(_409="a sync or an init is in progress"),
+        )
+        async def check(req: CheckRequest) -> CheckResponse | JSONResponse:
+            """Dry run: the load path `/init_broadcaster` would choose and whether the trainer's
+            manifest fits, without joining a group or touching the weights."""
+            if sync_lock.locked():
+                return _error(Conflict("a sync or an init is in progress; retry when it ends"))
+            try:
+                return await checker().check(req)
             except ApiError as exc:
                 return _error(exc)
 
     @router.get("/weights", response_model=WeightsStatus)
     async def weights() -> WeightsStatus:
+        """State of the weights (`uninitialized`, `ready`, `syncing`, `torn`, `failed`), the version
+        served, the scheme, the load path, the last sync's timings and the last error. No auth."""
         return get_backend().status()
 
     return router

@@ -96,7 +96,7 @@ def test_errors_name_the_cause(tmp_path: Path) -> None:
 
 def test_trainer_settings_mirror_broadcaster_config() -> None:
     assert set(TrainerSettings.model_fields) == set(BroadcasterConfig.model_fields)
-    assert set(ROLES) == {"trainer", "server", "orchestrator"}
+    assert set(ROLES) == {"trainer", "server", "orchestrator", "demo"}
 
 
 def test_cli_prints_resolved_settings_without_the_token() -> None:

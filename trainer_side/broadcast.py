@@ -9,6 +9,7 @@ calls `push` (the layer gathers are collectives); only global rank 0 sends.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 import uuid
@@ -42,6 +43,7 @@ from trainer_side.names import NameMap
 from trainer_side.walker import iter_layer_chunks, plan_stream
 
 T = TypeVar("T")
+LOGGER_NAME = "layercast.trainer"
 
 
 @dataclass
@@ -72,6 +74,18 @@ class PushReport:
             f"send {self.send_s * 1e3:.0f}, commit {self.commit_s * 1e3:.0f} ms; "
             f"{self.gbytes_per_s:.2f} GB/s)"
         )
+
+    def log_line(self) -> str:
+        """`summary()` plus each phase the servers reported (max over servers): one log line per sync."""
+        line = self.summary()
+        if self.servers:
+            t = [r.timings for r in self.servers.values()]
+            line += (
+                f"; servers ({len(t)}) wait {max(x.wait_s for x in t) * 1e3:.0f}, receive "
+                f"{max(x.receive_s for x in t) * 1e3:.0f}, load {max(x.load_s for x in t) * 1e3:.0f}, "
+                f"verify {max(x.commit_s for x in t) * 1e3:.0f} ms"
+            )
+        return line
 
 
 class PushError(RuntimeError):
@@ -115,10 +129,16 @@ def _is_sender() -> bool:
 
 
 class WeightBroadcaster:
-    """Construct from a `BroadcasterConfig`, `init()` once, `push(model, version)` per step, `close()`."""
+    """Construct from a `BroadcasterConfig`, `init()` once, `push(model, version)` per step, `close()`.
 
-    def __init__(self, config: BroadcasterConfig, name_map: NameMap | None = None) -> None:
+    Each push on the sending rank logs one line to `logger` (default `layercast.trainer`): INFO with the
+    report, WARNING with the reason when it failed. Pass the trainer's own logger to see them there."""
+
+    def __init__(
+        self, config: BroadcasterConfig, name_map: NameMap | None = None, logger: logging.Logger | None = None
+    ) -> None:
         self.config = config
+        self.logger = logger or logging.getLogger(LOGGER_NAME)
         self.scheme: QuantScheme = detect_quant_scheme(config.inference_config)
         self.name_map = name_map
         self.group: Group | None = None
@@ -333,11 +353,14 @@ class WeightBroadcaster:
         report.total_s = time.perf_counter() - started
         if wire_error or errors:
             detail = "; ".join(f"{u}: {e}" for u, e in errors.items())
-            raise PushError(f"sync {sync_id} failed: {wire_error or ''} {detail}".strip(), errors)
+            message = f"sync {sync_id} failed: {wire_error or ''} {detail}".strip()
+            self.logger.warning("%s (v%d, after %.2f s)", message, version, report.total_s)
+            raise PushError(message, errors)
         wire = report.wire
         assert wire is not None
         report.tensors, report.bytes_sent = wire.tensors, wire.payload_bytes
         report.send_s, report.commit_s = wire.transfer_s - report.quantize_s, wire.commit_s
+        self.logger.info("%s", report.log_line())
         return report
 
     def _header(self, model: nn.Module, sync_id: str, version: int) -> SyncHeader:

@@ -1,0 +1,306 @@
+"""The `layercast` CLI: help of every subcommand, settings (TOML < env < flags) for serve/demo/check,
+`check` against a real `layercast serve` started from a settings file, the demo end to end with a
+fresh-engine reference, and FP8 demos failing fast on CPU.
+
+One server for the `check` tests (module scope); the demo starts its own server and reference engine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+from safetensors import safe_open
+
+from configs.settings import DemoSettings
+from rpc.check import main as check_main
+from rpc.cli import main as cli_main
+from rpc.demo import DemoSetup, parse_settings
+from rpc.demo import main as demo_main
+from rpc.launch import ServerProcess, tiny_model_serve_args
+from rpc.serve_settings import resolve
+from tests.toy_server import generate
+from trainer_side.detect import detect_quant_scheme
+from trainer_side.toy_models import save_toy, toy_config, toy_model
+
+REPO = Path(__file__).resolve().parents[1]
+TOKEN = "cli-test-token-abcdef"
+
+
+def layercast(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("LAYERCAST_")}
+    full_env |= {"PYTHONPATH": str(REPO), "COLUMNS": "250"}  # rich: no wrapping inside asserted text
+    return subprocess.run(
+        [sys.executable, "-m", "rpc.cli", *args], cwd=REPO, env=full_env | (env or {}),
+        capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in list(os.environ):
+        if key.startswith("LAYERCAST_"):
+            monkeypatch.delenv(key)
+
+
+# --------------------------------------------------------------------------- help and fast failures
+
+
+def test_help_of_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
+    top = layercast("--help")
+    assert top.returncode == 0
+    for name in ("serve", "demo", "bench", "check"):
+        assert name in top.stdout
+    assert layercast("nope").returncode == 2
+
+    def help_of(name: str) -> str:
+        with pytest.raises(SystemExit) as exit_:
+            cli_main([name, "--help"])
+        assert exit_.value.code == 0
+        return capsys.readouterr().out
+
+    demo = help_of("demo")
+    assert "--scheme {none,fp8_block,fp8_channel,fp8_tensor}" in demo and "--config" in demo
+    check = help_of("check")
+    for flag in ("--config", "--trainer-model", "--toy", "--servers", "--load-path", "--memory-budget-gib"):
+        assert flag in check
+    assert cli_main(["bench", "--help"]) == 0
+    bench = capsys.readouterr().out
+    assert "broadcast" in bench and "quant" in bench and "fp8-e2e" in bench
+
+
+@pytest.mark.slow
+def test_serve_help_shows_ours_and_vllms() -> None:
+    out = layercast("serve", "--help", timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "--config FILE" in out.stdout and "LAYERCAST_ADMIN_TOKEN" in out.stdout
+    assert "max-model-len" in out.stdout  # vLLM's own help follows
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_fp8_demo_fails_fast_on_cpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    started = time.monotonic()
+    out = layercast("demo", "--scheme", "fp8_block", "--workdir", str(tmp_path / "w"))
+    assert out.returncode == 2
+    text = " ".join(out.stdout.split())
+    assert "--scheme fp8_block needs a GPU" in text and "cannot serve FP8" in text
+    assert time.monotonic() - started < 60
+    for scheme in ("fp8_channel", "fp8_tensor"):
+        assert demo_main(["--scheme", scheme, "--workdir", str(tmp_path / "w")]) == 2
+        assert f"--scheme {scheme} needs a GPU" in " ".join(capsys.readouterr().out.split())
+    assert not (tmp_path / "w").exists(), "nothing may start before the check"
+
+
+def test_bench_runs_the_broadcast_smoke_on_cpu(tmp_path: Path) -> None:
+    if torch.cuda.device_count() >= 2:
+        pytest.skip("with 2 GPUs the bench runs the full NCCL comparison")
+    out = layercast("bench", "broadcast", "--syncs", "1", "--warmup", "0", "--layers", "1",
+                    "--out-dir", str(tmp_path), timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "--cpu-smoke" in out.stdout and "bench broadcast done" in out.stdout
+    assert list(tmp_path.glob("*-broadcast.json"))
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def test_demo_settings_file_env_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    f = tmp_path / "demo.toml"
+    f.write_text('[demo]\narch = "llama"\nsteps = 2\nlayers = 3\nscheme = "fp8_tensor"\n')
+    monkeypatch.setenv("LAYERCAST_DEMO_LAYERS", "4")
+    s = parse_settings(["--config", str(f), "--steps", "5", "--json", "out.json"])
+    assert (s.arch, s.steps, s.layers, s.scheme, s.results_json) == ("llama", 5, 4, "fp8_tensor", "out.json")
+    with pytest.raises(SystemExit):  # argparse names the bad choice
+        parse_settings(["--scheme", "fp4"])
+
+
+def test_serve_settings_file_env_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    f = tmp_path / "s.toml"
+    f.write_text(
+        '[server]\nmodel = "/file/model"\nport = 1\nserved_model_name = "file-name"\n'
+        'vllm_args = ["--max-model-len", "256"]\n'
+    )
+    monkeypatch.setenv("LAYERCAST_SERVER_SERVED_MODEL_NAME", "env-name")
+    argv, env = resolve(["/flag/model", "--config", str(f), "--port=1234", "--layercast-token", "t0k",
+                         "--max-model-len", "128"])  # fmt: skip
+    assert argv == ["/flag/model", "--host", "127.0.0.1", "--port", "1234", "--served-model-name", "env-name",
+                    "--max-model-len", "256", "--max-model-len", "128"]  # fmt: skip
+    assert env["LAYERCAST_ADMIN_TOKEN"] == "t0k" and "t0k" not in argv
+    argv, _ = resolve(["--config", str(f)])
+    assert argv[:5] == ["/file/model", "--host", "127.0.0.1", "--port", "1"]
+
+
+def test_demo_setup_for_fp8_on_gpus(tmp_path: Path) -> None:
+    s = DemoSettings(scheme="fp8_block", servers=2, workdir=str(tmp_path))
+    with pytest.raises(ValueError, match="needs a GPU"):
+        DemoSetup.of(s, cuda_devices=0)
+    with pytest.raises(ValueError, match="needs 3 GPUs"):
+        DemoSetup.of(s, cuda_devices=2)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        DemoSetup.of(s.model_copy(update={"hidden_size": 192}), cuda_devices=3)
+    setup = DemoSetup.of(s, cuda_devices=3)
+    assert setup.reference == "engine" and setup.dtype == torch.bfloat16
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in setup.server_envs] == ["1", "2"]
+    assert setup.reference_env == {"CUDA_VISIBLE_DEVICES": "0"}
+    assert "--dtype" in setup.serve_args and "bfloat16" in setup.serve_args
+
+
+@pytest.mark.parametrize("scheme", ["fp8_block", "fp8_channel", "fp8_tensor"])
+def test_demo_writes_the_fp8_model_it_serves(scheme: str, tmp_path: Path) -> None:
+    # What the GPU demo serves, written here on CPU (the quantizers run on CPU): its config declares
+    # the scheme, its linear weights are FP8, and every merged projection part fits 128x128 blocks.
+    setup = DemoSetup.of(DemoSettings(scheme=scheme, workdir=str(tmp_path)), cuda_devices=2)
+    setup.trainer_device = torch.device("cpu")
+    cfg = setup.model_config()
+    assert cfg.head_dim * cfg.num_key_value_heads % 128 == 0 and cfg.intermediate_size % 128 == 0
+    out = setup.write_served_model(toy_model(cfg, seed=0), tmp_path / "model")
+    assert detect_quant_scheme(out).kind == scheme
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("model.layers.0.mlp.down_proj.weight").dtype == torch.float8_e4m3fn
+        assert f.get_tensor("lm_head.weight").dtype == torch.bfloat16
+    assert (out / "tokenizer.json").exists()
+
+
+# --------------------------------------------------------------------------- check against a real server
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    work = tmp_path_factory.mktemp("cli")
+    model_dir = save_toy(toy_model(toy_config("qwen3", torch.float32), seed=0), work / "model")
+    settings = work / "serve.toml"
+    args = tiny_model_serve_args()
+    del args[args.index("--served-model-name") : args.index("--served-model-name") + 2]
+    settings.write_text(
+        '[server]\nmodel = "/no/such/model"\nport = 1\nserved_model_name = "file-name"\n'
+        f"vllm_args = {json.dumps(args)}\n"
+    )
+    # The flags (MODEL, --port from ServerProcess) beat the file; the environment beats the file too.
+    env = {"LAYERCAST_SERVER_SERVED_MODEL_NAME": "toy"}
+    proc = ServerProcess(model_dir, extra_args=["--config", str(settings)], token=TOKEN, env=env,
+                         log_path=work / "server.log")  # fmt: skip
+    try:
+        proc.wait_ready(300)
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="module")
+def trainer_toml(server: ServerProcess) -> Path:
+    path = server.log_path.parent / "trainer.toml"
+    model = server.log_path.parent / "model"
+    path.write_text(
+        f'[trainer]\nservers = ["{server.url}"]\ninference_config = "{model}"\nload_path = "checkpoint"\n'
+    )
+    return path
+
+
+@pytest.fixture
+def check_json(
+    trainer_toml: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> Callable[..., tuple[int, dict[str, Any]]]:
+    """`layercast check --config trainer.toml --json ARGS` in this process (a real server, real HTTP)."""
+    monkeypatch.setenv("LAYERCAST_TRAINER_TOKEN", TOKEN)
+
+    def run(*args: str) -> tuple[int, dict[str, Any]]:
+        rc = check_main(["--config", str(trainer_toml), "--json", *args])
+        out = capsys.readouterr().out
+        assert TOKEN not in out
+        return rc, json.loads(out)
+
+    return run
+
+
+@pytest.mark.slow
+def test_server_started_from_settings(server: ServerProcess) -> None:
+    tokens, _ = generate(server.url)  # served as "toy": the environment beat the file's name
+    assert len(tokens) > 0
+    assert httpx.post(server.url + "/check", json={}).status_code == 401  # admin route
+
+
+@pytest.mark.slow
+def test_check_passes_for_the_served_model(
+    server: ServerProcess, trainer_toml: Path, check_json: Any
+) -> None:
+    out = layercast("check", "--config", str(trainer_toml), "--load-path", "auto", "--dtype", "float32",
+                    env={"LAYERCAST_TRAINER_TOKEN": TOKEN})  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    text = " ".join(out.stdout.split())
+    assert "scheme none" in text and "load path layerwise" in text
+    assert "checkpoint names (what the chosen path loads): fit" in text
+    assert "check passed" in text and TOKEN not in out.stdout + out.stderr
+    rc, report = check_json("--load-path", "auto", "--dtype", "float32")
+    assert rc == 0 and report["ok"] and report["scheme"] == "none"
+    (s,) = report["servers"]
+    assert s["load_path"] == "layerwise" and s["checkpoint_problem"] is None and s["state"] == "uninitialized"
+    # vLLM's CPU kernels keep linear weights in oneDNN: the runtime layout differs, which check shows.
+    assert s["kernel_problem"] and "opaque" in s["kernel_problem"]
+    status = httpx.get(server.url + "/weights").json()
+    assert status["state"] == "uninitialized" and status["weights_version"] is None  # nothing was sent
+
+
+@pytest.mark.slow
+def test_check_reports_manifest_differences(server: ServerProcess, check_json: Any) -> None:
+    rc, report = check_json("--load-path", "auto", "--toy", "qwen3", "--layers", "3",
+                            "--dtype", "float32")  # fmt: skip
+    assert rc == 1 and not report["ok"]
+    (s,) = report["servers"]
+    assert "model.layers.2.self_attn.q_proj.weight: unknown tensor" in s["checkpoint_problem"]
+    diff = s["kernel_diff"]
+    assert "model.layers.2.self_attn.qkv_proj.weight" in diff["extra"] and not diff["missing"]
+    rc, report = check_json("--load-path", "auto", "--toy", "qwen3", "--vocab-size", "640",
+                            "--dtype", "float32")  # fmt: skip
+    (s,) = report["servers"]
+    assert rc == 1 and "embed_tokens.weight: 640 vocab rows, the model has 512" in s["checkpoint_problem"]
+    assert any(m.startswith("model.embed_tokens.weight: shape [640, 128] != server [512, 128]")
+               for m in s["kernel_diff"]["mismatched"])  # fmt: skip
+
+
+@pytest.mark.slow
+def test_check_refused_path_and_memory_budget(server: ServerProcess, check_json: Any) -> None:
+    rc, report = check_json("--dtype", "float32")  # the file asks for the checkpoint path
+    (s,) = report["servers"]
+    assert rc == 1 and s["load_path"] is None and "checkpoint path refused" in s["load_path_reason"]
+    rc, report = check_json("--load-path", "auto", "--dtype", "float32",
+                            "--bucket-bytes", "1048576", "--memory-budget-gib", "0.001")  # fmt: skip
+    m = report["memory"]
+    assert rc == 1 and m["fits"] is False and m["send_buckets_bytes"] == 2 * 2**20
+    assert m["peak_extra_bytes"] == (m["largest_chunk_bytes"] + m["largest_param_bytes"]
+                                     + m["quantize_workspace_bytes"] + m["send_buckets_bytes"])  # fmt: skip
+
+
+@pytest.mark.slow
+def test_check_names_an_unreachable_server(check_json: Any) -> None:
+    rc, report = check_json("--servers", "http://127.0.0.1:9", "--http-timeout-s", "2")
+    assert rc == 2 and "ConnectError" in report["servers"][0]["error"]
+
+
+# --------------------------------------------------------------------------- the demo
+
+
+@pytest.mark.slow
+def test_demo_from_settings_verified_against_a_fresh_engine(tmp_path: Path) -> None:
+    cfg = tmp_path / "demo.toml"
+    cfg.write_text('[demo]\nsteps = 3\nreference = "engine"\nlayers = 1\n')
+    results = tmp_path / "results.json"
+    out = layercast("demo", "--config", str(cfg), "--steps", "1", "--workdir", str(tmp_path / "work"),
+                    "--json", str(results), env={"LAYERCAST_DEMO_MAX_TOKENS": "4"}, timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert "all steps verified" in out.stdout and "per-step sync timings" in out.stdout
+    (step,) = json.loads(results.read_text())  # one step (flag beat the file), one server
+    assert step["step"] == 1 and step["tokens"] == step["reference"] and len(step["tokens"]) == 4
+    assert step["max_logprob_diff"] < 1e-3
+    assert (tmp_path / "work" / "reference-step1.log").exists()
+    assert "1 layers" in out.stdout and "reference engine" in out.stdout
