@@ -1,10 +1,11 @@
 """layercast's HTTP routes, independent of the engine behind them.
 
-`build_router(get_backend, token)` returns a FastAPI router with `/init_broadcaster`, `/update_weights`
-and `/weights`. The engine-specific work is done by a `WeightSyncBackend` (the vLLM one lives in
-`inference_worker`). This module owns what every server must do the same way: bearer-token auth on
-admin routes (constant-time compare, the token never logged), one sync at a time (409 for a second),
-and mapping backend errors to status codes with a message that names the cause.
+`build_router(get_backend, token, gate)` returns a FastAPI router with `/init_broadcaster`,
+`/update_weights` and `/weights`. The engine-specific work is done by a `WeightSyncBackend` (the vLLM
+one lives in `inference_worker`). This module owns what every server must do the same way: bearer-token
+auth on admin routes (constant-time compare, the token never logged), one sync at a time (409 for a
+second), a sync applied only while no generation runs (it holds the `WeightsGate` exclusive), and
+mapping backend errors to status codes with a message that names the cause.
 """
 
 from __future__ import annotations
@@ -25,16 +26,10 @@ from configs.api import (
     WeightsStatus,
 )
 from rpc.errors import ApiError, Conflict
+from rpc.weights_gate import WeightsGate
 
-# Generation routes refused while the model is torn (a failed sync left it half-updated).
-GENERATION_PATHS: tuple[str, ...] = (
-    "/v1/completions",
-    "/v1/chat/completions",
-    "/v1/responses",
-    "/generate",
-    "/inference/v1/generate",
-)
-
+# How long a sync waits for running generation to finish when its request sets no timeout.
+DEFAULT_DRAIN_TIMEOUT_S = 600.0
 
 class WeightSyncBackend(Protocol):
     async def init_broadcaster(self, req: InitBroadcasterRequest) -> InitBroadcasterResponse: ...
@@ -69,8 +64,11 @@ def _error(exc: ApiError) -> JSONResponse:
     return JSONResponse(status_code=exc.status_code, content=body)
 
 
-def build_router(get_backend: Callable[[], WeightSyncBackend], token: str | None) -> APIRouter:
+def build_router(
+    get_backend: Callable[[], WeightSyncBackend], token: str | None, gate: WeightsGate | None = None
+) -> APIRouter:
     router = APIRouter(tags=["layercast"])
+    gate = gate or WeightsGate()
     admin = [Depends(bearer_auth(token))]
     sync_lock = asyncio.Lock()
 
@@ -90,7 +88,8 @@ def build_router(get_backend: Callable[[], WeightSyncBackend], token: str | None
             return _error(Conflict("another sync or init is in progress on this server"))
         async with sync_lock:
             try:
-                return await get_backend().update_weights(req)
+                async with gate.sync(req.timeout_s or DEFAULT_DRAIN_TIMEOUT_S):
+                    return await get_backend().update_weights(req)
             except ApiError as exc:
                 return _error(exc)
 
