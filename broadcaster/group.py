@@ -326,6 +326,8 @@ class Group:
         try:
             work.wait()
         except Exception as e:
+            # The store says more than the backend's "connection closed": rank 0 gone, or a peer's abort.
+            self._check_peers()
             self._fail(PeerLost(f"rank {self.rank} ({self.who}): {what} failed at {self.where}: {e}"))
         return time.monotonic() - start
 

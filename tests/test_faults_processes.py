@@ -39,6 +39,7 @@ pytestmark = pytest.mark.slow
 TOKEN = "process-faults-token-51c8e2"
 STEP_TIMEOUT_S = 20.0
 BUCKET_BYTES = 16 * 1024  # ~1.7 MB of weights in ~100 buckets: plenty of mid-sync moments
+PAUSE_AT = 12  # of the 25 tensors: about half the buckets are on the wire (and loading) when it stops
 
 
 def model_at(version: int) -> torch.nn.Module:
@@ -76,7 +77,7 @@ def trainer_main() -> None:
     logging.basicConfig(level=logging.DEBUG, stream=sys.stderr, force=True)
     bc = PausingBroadcaster(BroadcasterConfig(**args["config"]))
     if args["pause"]:
-        bc.pause_at = 40
+        bc.pause_at = PAUSE_AT
         threading.Thread(target=lambda: (bc.mid.wait(), print("MID-SYNC", flush=True)), daemon=True).start()
     bc.init()
     print("JOINED", flush=True)
@@ -196,11 +197,12 @@ def completion(server: ServerProcess) -> httpx.Response:
     return httpx.post(server.url + "/v1/completions", json=body, timeout=60)
 
 
-def assert_refuses_as_torn(server: ServerProcess, cause: str) -> None:
+def assert_refuses_as_torn(server: ServerProcess, *causes: str) -> None:
+    """`torn`, and generation refused with 503 naming the cause (any one of `causes`)."""
     s = status(server)
-    assert s["state"] == "torn" and cause in s["last_error"], s
+    assert s["state"] == "torn" and any(c in s["last_error"] for c in causes), s
     r = completion(server)
-    assert r.status_code == 503 and "torn" in r.text and cause in r.text, r.text
+    assert r.status_code == 503 and "torn" in r.text and any(c in r.text for c in causes), r.text
 
 
 def assert_on_version(server: ServerProcess, version: int) -> None:
@@ -225,7 +227,7 @@ def test_trainer_killed_mid_sync(servers: dict[str, ServerProcess], work: Path) 
     trainer.expect("JOINED", 120)
     armed = [BackgroundPost(s.url + "/update_weights", {"sync_id": "doomed-1", "weights_version": 1}, TOKEN)
              for s in (a, b)]  # fmt: skip
-    trainer.expect("MID-SYNC", 60)  # 40 tensors packed: earlier buckets sent and being loaded
+    trainer.expect("MID-SYNC", 60)  # half the tensors packed: their buckets sent and loading
     for s in (a, b):
         assert status(s)["state"] == "syncing"
     trainer.proc.send_signal(signal.SIGKILL)
@@ -266,7 +268,7 @@ def test_inference_worker_killed_mid_sync(
     victim_tree = process_tree(a)
     workers = [p for p in victim_tree if p.name() == "VLLM::Worker"]
     assert len(workers) == 1, [p.name() for p in victim_tree]
-    bc.pause_at = 40
+    bc.pause_at = PAUSE_AT
     bc.mid.clear()
     bc.go.clear()
     errors: list[BaseException] = []
@@ -290,7 +292,8 @@ def test_inference_worker_killed_mid_sync(
     gone = psutil.wait_procs(victim_tree, timeout=60)[1]
     assert not gone, f"processes of the killed replica still running: {gone}"
     # The other replica had loaded part of sync 4: it refuses to generate, naming the cause.
-    assert_refuses_as_torn(b, "aborted")
+    # (the trainer's abort notice, or Gloo's own report of the lost link if it came first)
+    assert_refuses_as_torn(b, "aborted by rank 0 (trainer)", "Connection closed by peer")
     assert all(p.is_running() for p in process_tree(b))
     # Restart the dead replica on its port; the trainer's next push re-joins everyone and heals both.
     servers["a"] = restarted = serve(work, "a-restarted", port=a.port)
