@@ -152,11 +152,6 @@ class Group:
             left = max(deadline - time.monotonic(), 1.0)  # the store answered: connecting is quick
             self._client = dist.TCPStore(self.host, self.port, None, False, _td(left))
         except Exception as e:
-            if self.rank == 0:  # torch's store listens on every interface: `host` itself is the problem
-                raise RendezvousError(
-                    f"rank 0 ({self.who}) cannot reach its own store at {self.where} within "
-                    f"{timeout_s:.1f} s (is {self.host} an address of this host?): {e}"
-                ) from e
             raise RendezvousError(
                 f"rank {self.rank} ({self.who}) waited {timeout_s:.1f} s for rank 0 to host the store "
                 f"at {self.where}: {e}"

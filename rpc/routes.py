@@ -31,6 +31,7 @@ from rpc.weights_gate import WeightsGate
 # How long a sync waits for running generation to finish when its request sets no timeout.
 DEFAULT_DRAIN_TIMEOUT_S = 600.0
 
+
 class WeightSyncBackend(Protocol):
     async def init_broadcaster(self, req: InitBroadcasterRequest) -> InitBroadcasterResponse: ...
 

@@ -305,9 +305,10 @@ def test_unreachable_rendezvous_host_fails_within_the_deadline(
     # The trainer side: a master address it cannot host the store at.
     unhostable = toy_broadcaster(server, TOKEN, master_address="192.0.2.1", rendezvous_timeout_s=3)
     t0 = time.monotonic()
-    with pytest.raises(PushError, match=r"cannot reach its own store at 192\.0\.2\.1:\d+ .* within 3\.0 s"):
+    with pytest.raises(PushError, match=r"could not host the store at 192\.0\.2\.1:\d+"):
         unhostable.init()
-    assert time.monotonic() - t0 < 3 + 10
+    # torch's own store client (hosting connects to the host) retries once: up to ~2x the deadline.
+    assert time.monotonic() - t0 < 2 * 3 + 10
     assert weights(server.url)["weights_version"] == before["weights_version"]
     normal_sync(bc, trainer_model, server.url, 4)
 
@@ -335,6 +336,7 @@ def _specs(model: torch.nn.Module, scheme: QuantScheme) -> list[tuple[str, Any, 
 def test_stream_not_matching_the_served_model_is_refused_before_data_moves(
     server: ServerProcess, bc: WeightBroadcaster, trainer_model: torch.nn.Module, case: str
 ) -> None:
+    bc._ensure_group()  # a group an earlier failed test left broken would refuse for another reason
     before, before_gen = weights(server.url), complete(server.url)
     group = bc.group
     scheme = bc.scheme
