@@ -80,6 +80,8 @@ def cancel_rendezvous(host: str, port: int, reason: str, generation: int = 0, ti
     that a server refused to join): every rank waiting in it raises `RendezvousError(reason)` at once
     instead of waiting for its deadline. Best effort: does nothing if the store is not reachable."""
     with contextlib.suppress(Exception):
+        # A plain connect first: torch's client would retry an unreachable host for ~2x `timeout_s`.
+        socket.create_connection((host, port), timeout=min(timeout_s, 1.0)).close()
         client = dist.TCPStore(host, port, None, False, _td(timeout_s))
         dist.PrefixStore(f"layercast/g{generation}/", client).compare_set(_ERROR_KEY, "", reason)
 
@@ -146,13 +148,31 @@ class Group:
                     f"rank 0 ({self.who}) could not host the store at {self.where}: {e}"
                 ) from e
         try:
-            self._client = dist.TCPStore(self.host, self.port, None, False, _td(deadline - time.monotonic()))
+            self._wait_for_store(deadline)
+            left = max(deadline - time.monotonic(), 1.0)  # the store answered: connecting is quick
+            self._client = dist.TCPStore(self.host, self.port, None, False, _td(left))
         except Exception as e:
             raise RendezvousError(
                 f"rank {self.rank} ({self.who}) waited {timeout_s:.1f} s for rank 0 to host the store "
                 f"at {self.where}: {e}"
             ) from e
         self.store = dist.PrefixStore(f"layercast/g{self.generation}/", self._client)
+
+    def _wait_for_store(self, deadline: float) -> None:
+        """Poll with plain TCP connects until rank 0's store accepts one, or raise at `deadline`: torch's
+        TCPStore client retries with its own backoff and overruns a short deadline about twofold when
+        the host is unreachable."""
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no store is accepting connections at {self.host}:{self.port}")
+            try:
+                with socket.create_connection((self.host, self.port), timeout=min(left, 1.0)):
+                    return
+            except OSError as e:
+                if deadline - time.monotonic() <= 0:
+                    raise TimeoutError(f"{self.host}:{self.port}: {e}") from e
+                time.sleep(min(0.05, max(deadline - time.monotonic(), 0.0)))
 
     def _rendezvous(self, timeout_s: float, deadline: float) -> None:
         me = {
@@ -301,6 +321,8 @@ class Group:
         try:
             work.wait()
         except Exception as e:
+            # The store says more than the backend's "connection closed": rank 0 gone, or a peer's abort.
+            self._check_peers()
             self._fail(PeerLost(f"rank {self.rank} ({self.who}): {what} failed at {self.where}: {e}"))
         return time.monotonic() - start
 

@@ -2,7 +2,8 @@
 
 Registered under the `vllm.endpoint_plugins` entry-point group (see pyproject.toml) and enabled by
 `layercast serve` through `VLLM_PLUGINS`; users keep every vLLM route and flag. Also installs the
-middleware that answers 503 on generation routes while a failed sync has left the model torn, records
+middlewares of `rpc.middleware` (the admin body limit, 413; the generation gate: 503 while the model
+is torn, no generation while a sync is applied, responses tagged with their weights version), records
 every sync in layercast's Prometheus metrics (served by vLLM's `/metrics`) and makes the `layercast`
 logger print its per-sync lines next to vLLM's own (unless logging was configured otherwise).
 """
@@ -14,14 +15,16 @@ import os
 from argparse import Namespace
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI
 
+from configs.api import WeightsStatus
 from inference_worker.dry_run import VllmDryRun
 from inference_worker.engine_backend import VllmSyncBackend
 from inference_worker.metrics import default_metrics
 from rpc.errors import NotReady
-from rpc.routes import GENERATION_PATHS, build_router
+from rpc.middleware import AdminBodyLimit, GenerationGate
+from rpc.routes import build_router
+from rpc.weights_gate import WeightsGate
 
 PLUGIN_NAME = "layercast"
 TOKEN_ENV = "LAYERCAST_ADMIN_TOKEN"
@@ -48,6 +51,7 @@ class LayercastEndpointPlugin:
     def __init__(self) -> None:
         self.backend: VllmSyncBackend | None = None
         self.dry_run: VllmDryRun | None = None
+        self.gate = WeightsGate()
 
     def _backend(self) -> VllmSyncBackend:
         if self.backend is None:
@@ -59,6 +63,9 @@ class LayercastEndpointPlugin:
             raise NotReady("the engine is not up yet")
         return self.dry_run
 
+    def _status(self) -> WeightsStatus | None:
+        return self.backend.status() if self.backend is not None else None
+
     def attach_router(self, app: FastAPI) -> None:
         configure_logging()
         before = len(app.router.routes)
@@ -67,6 +74,7 @@ class LayercastEndpointPlugin:
             os.environ.get(TOKEN_ENV) or None,
             observers=[default_metrics().observe],
             get_checker=self._dry_run,
+            gate=self.gate,
         )
         app.include_router(router)
         # Starlette takes the first matching route: put ours first, so that with VLLM_SERVER_DEV_MODE=1
@@ -75,23 +83,8 @@ class LayercastEndpointPlugin:
         ours = app.router.routes[before:]
         del app.router.routes[before:]
         app.router.routes[:0] = ours
-
-        @app.middleware("http")
-        async def refuse_torn_model(request: Request, call_next: Any) -> Any:
-            backend = self.backend
-            if backend is not None and request.url.path in GENERATION_PATHS:
-                status = backend.status()
-                reason = status.last_error or "a sync failed after loading began"
-                if status.state == "torn":
-                    return JSONResponse(
-                        status_code=503,
-                        content={
-                            "error": "ModelTorn",
-                            "detail": f"weights are {status.state}: {reason};"
-                            " generation resumes when a complete sync lands",
-                        },
-                    )
-            return await call_next(request)
+        app.add_middleware(GenerationGate, gate=self.gate, status=self._status)
+        app.add_middleware(AdminBodyLimit)
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         if engine_client is not None:

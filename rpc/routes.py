@@ -1,10 +1,11 @@
 """layercast's HTTP routes, independent of the engine behind them.
 
-`build_router(get_backend, token)` returns a FastAPI router with `/init_broadcaster`, `/update_weights`
-and `/weights`. The engine-specific work is done by a `WeightSyncBackend` (the vLLM one lives in
-`inference_worker`). This module owns what every server must do the same way: bearer-token auth on
-admin routes (constant-time compare, the token never logged), one sync at a time (409 for a second),
-and mapping backend errors to status codes with a message that names the cause. After every
+`build_router(get_backend, token, ...)` returns a FastAPI router with `/init_broadcaster`,
+`/update_weights`, `/weights` (and `/check`). The engine-specific work is done by a `WeightSyncBackend`
+(the vLLM one lives in `inference_worker`). This module owns what every server must do the same way:
+bearer-token auth on admin routes (constant-time compare, the token never logged), one sync at a time
+(409 for a second), a sync applied only while no generation runs (it holds the `WeightsGate`
+exclusive), and mapping backend errors to status codes with a message that names the cause. After every
 `/update_weights` it logs one line and tells the router's observers (metrics) what happened
 (`rpc.sync_events.SyncEvent`).
 """
@@ -33,17 +34,12 @@ from configs.api import (
 from configs.check import CheckRequest, CheckResponse
 from rpc.errors import ApiError, Conflict, SyncTimedOut
 from rpc.sync_events import Outcome, SyncEvent, SyncObserver, log_sync_event
+from rpc.weights_gate import WeightsGate
 
 _log = logging.getLogger("layercast.server")
 
-# Generation routes refused while the model is torn (a failed sync left it half-updated).
-GENERATION_PATHS: tuple[str, ...] = (
-    "/v1/completions",
-    "/v1/chat/completions",
-    "/v1/responses",
-    "/generate",
-    "/inference/v1/generate",
-)
+# How long a sync waits for running generation to finish when its request sets no timeout.
+DEFAULT_DRAIN_TIMEOUT_S = 600.0
 
 
 class WeightSyncBackend(Protocol):
@@ -127,11 +123,13 @@ def build_router(
     token: str | None,
     observers: Sequence[SyncObserver] = (),
     get_checker: Callable[[], DryRunBackend] | None = None,
+    gate: WeightsGate | None = None,
 ) -> APIRouter:
     """The routes; `observers` are called with a `SyncEvent` after every `/update_weights` that ran
     (a 409 for a concurrent call is not a sync), after the sync's log line. With `get_checker`, also
     `POST /check` (the dry run of `layercast check`)."""
     router = APIRouter(tags=["layercast"])
+    gate = gate or WeightsGate()
     sync_observers = (log_sync_event, *observers)
     admin = [Depends(bearer_auth(token))]
     sync_lock = asyncio.Lock()
@@ -179,7 +177,8 @@ def build_router(
             started = time.perf_counter()
             before = _state(get_backend)
             try:
-                resp = await get_backend().update_weights(req)
+                async with gate.sync(req.timeout_s or DEFAULT_DRAIN_TIMEOUT_S):
+                    resp = await get_backend().update_weights(req)
             except ApiError as exc:
                 event = SyncEvent(
                     sync_id=req.sync_id,

@@ -32,6 +32,7 @@ from configs.api import (
     InitBroadcasterResponse,
     UpdateWeightsRequest,
     UpdateWeightsResponse,
+    WeightsStatus,
 )
 from configs.quant import QuantScheme
 from configs.trainer import BroadcasterConfig
@@ -44,6 +45,8 @@ from trainer_side.walker import iter_layer_chunks, plan_stream
 
 T = TypeVar("T")
 LOGGER_NAME = "layercast.trainer"
+# Server states that mean the server holds no membership in our group (it must be re-initialised).
+_NOT_IN_GROUP = ("uninitialized", "failed")
 
 
 @dataclass
@@ -155,7 +158,7 @@ class WeightBroadcaster:
         c = self.config
         return [AsyncServerClient(url, c.token, c.http_timeout_s) for url in c.servers]
 
-    async def _workers_per_server(self) -> list[int]:
+    async def _statuses(self) -> list[WeightsStatus]:
         clients = self._clients()
         try:
             statuses = await asyncio.gather(*(cl.weights() for cl in clients), return_exceptions=True)
@@ -170,7 +173,10 @@ class WeightBroadcaster:
                 f"cannot reach inference server(s) for GET /weights: {detail}",
                 {u: str(e) for u, e in errors.items()},
             )
-        return [s.num_workers or 1 for s in statuses]  # type: ignore[union-attr]
+        return statuses  # type: ignore[return-value]
+
+    async def _workers_per_server(self) -> list[int]:
+        return [s.num_workers or 1 for s in await self._statuses()]
 
     def init(self) -> dict[str, InitBroadcasterResponse]:
         """Join every server to a fresh group (a rendezvous: all servers are called concurrently)."""
@@ -202,10 +208,12 @@ class WeightBroadcaster:
             try:
                 return await client.init_broadcaster(req)
             except Exception as exc:
-                # A server that refused will never join: end the rendezvous now for every rank.
-                cancel_rendezvous(
-                    c.master_address, c.master_port, f"{client.base_url} refused to join: {exc}"
-                )
+                # A server that refused will never join: end the rendezvous now for every rank (unless
+                # ours is already over: then there is no store to tell, and connecting would only wait).
+                if not rendezvous_over.is_set():
+                    cancel_rendezvous(
+                        c.master_address, c.master_port, f"{client.base_url} refused to join: {exc}"
+                    )
                 raise
 
         async def call_all() -> list[InitBroadcasterResponse | BaseException]:
@@ -218,6 +226,7 @@ class WeightBroadcaster:
             finally:
                 await asyncio.gather(*(cl.aclose() for cl in clients))
 
+        rendezvous_over = threading.Event()
         http = _Background(call_all)
         backend = c.backend if c.backend != "auto" else ("nccl" if torch.cuda.is_available() else "gloo")
         group_error: BaseException | None = None
@@ -233,6 +242,7 @@ class WeightBroadcaster:
             )
         except BroadcastError as exc:
             group_error = exc
+        rendezvous_over.set()
         results = http.join(c.rendezvous_timeout_s + c.http_timeout_s + 60)
         errors = {
             url: str(r) for url, r in zip(c.servers, results, strict=True) if isinstance(r, BaseException)
@@ -392,11 +402,15 @@ class WeightBroadcaster:
         return self._template[1].model_copy(update={"sync_id": sync_id, "weights_version": version})
 
     def _ensure_group(self) -> None:
-        """A group aborted by a failed sync (here or on any server) is replaced by a fresh one."""
+        """Re-init (a fresh group with every server) when the group was aborted by a failed sync, here
+        or on any server, or when a server is not in it any more: restarted (`uninitialized`) or left
+        without a group by a failed `/init_broadcaster` (`failed`)."""
         if self.group is not None:
             try:
                 self.group.check_health()
-                return
+                statuses = _run_async(self._statuses)
+                if not any(s.state in _NOT_IN_GROUP for s in statuses):
+                    return
             except BroadcastError:
                 pass
         self.init()
