@@ -46,3 +46,28 @@ def test_fp8_block_paths_equal_a_fresh_engine(tmp_path: Path) -> None:
     for path in ("kernel", "layerwise"):
         assert paths[path]["tokens_equal"] is True and paths[path]["max_logprob_diff"] == 0.0
     assert "re-wrapped" in str(paths["checkpoint"].get("init_error", ""))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (trainer on GPU0, vLLM on GPU1)")
+@pytest.mark.skipif(
+    not _vllm_has_cuda(), reason="needs the CUDA build of vLLM 0.26 (the CPU build cannot serve FP8)"
+)
+@pytest.mark.parametrize(
+    ("quant", "kernel_refusal"),
+    [("channel", "kernel layout mismatch"), ("tensor", "per-tensor scales cannot be fused")],
+)
+def test_fp8_channel_and_tensor_layerwise_equal_a_fresh_engine(
+    tmp_path: Path, quant: str, kernel_refusal: str
+) -> None:
+    """Per-channel / per-tensor FP8 (run on 4xH200, 2026-11-22): layerwise equals a fresh engine; the
+    trainer refuses the kernel layout with the reason (vLLM transposes / cannot fuse those weights)."""
+    env = {**os.environ, "VLLM_USE_DEEP_GEMM": "0"}
+    subprocess.run(
+        [sys.executable, "bench/gpu_fp8_e2e.py", "--quant", quant, "--out-dir", str(tmp_path),
+         "--work", str(tmp_path / "work"), "--paths", "layerwise,kernel"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    (result_file,) = tmp_path.glob(f"*-fp8-e2e-{quant}.json")
+    paths = json.loads(result_file.read_text())["paths"]
+    assert paths["layerwise"]["tokens_equal"] is True and paths["layerwise"]["max_logprob_diff"] == 0.0
+    assert kernel_refusal in str(paths["kernel"].get("push_error", ""))
