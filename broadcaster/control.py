@@ -77,7 +77,7 @@ class HeaderCache:
             return last.layout_problem or header
         try:
             header = SyncHeader.model_validate({**json.loads(manifest_raw), **ids})
-        except (ValidationError, ValueError) as e:
+        except (ValidationError, ValueError, TypeError) as e:
             return f"unreadable header: {e}"
         problem = check_layout(header, max_bucket_size)
         self.last = _Cached(manifest_raw, header, [] if problem else pieces_by_bucket(header), problem)
