@@ -35,6 +35,8 @@ _ERROR_KEY = "rdzv/error"
 _ABORT_KEY = "abort"
 _PEER_CHECK_EVERY_S = 0.25
 _MAX_POLL_SLEEP_S = 1e-3
+_FAST_POLL_SLEEP_S = 5e-5
+_FAST_POLL_FOR_S = 0.2
 _LATE_JOIN_GRACE_S = 2.0  # rank 0 keeps a failed rendezvous readable this long for ranks still starting
 # Gloo's abort() does not unblock an op that is already running, and destroying the backend joins its
 # worker threads; parked backends keep such a destructor off the caller's path.
@@ -317,7 +319,10 @@ class Group:
                     self._check_peers()
                     next_peer_check = now + _PEER_CHECK_EVERY_S
                 time.sleep(nap)
-                nap = min(nap * 2, _MAX_POLL_SLEEP_S)
+                # Poll tightly while a bucket's transfer is due (about a millisecond or a few on NVLink:
+                # oversleeping would leave the wire idle), then back off for long waits.
+                cap = _FAST_POLL_SLEEP_S if now - start < _FAST_POLL_FOR_S else _MAX_POLL_SLEEP_S
+                nap = min(nap * 2, cap)
         try:
             work.wait()
         except Exception as e:

@@ -5,8 +5,10 @@ the first bucket (walking, quantizing) overlaps the receivers' arrival and heade
 broadcast before every rank accepted.
 
 Invariants:
-- tensors are pulled lazily from the producer in manifest order and each one is checked against its
-  manifest entry (name, dtype, shape) before a byte of it is packed;
+- the buckets are filled in order by a `BucketSource`: either the sender's packer, which pulls tensors
+  lazily from an iterable in manifest order and checks each against its manifest entry (name, dtype,
+  shape) before a byte of it is packed, or a producer that writes its tensors in place
+  (`trainer_side.bucket_writer`);
 - at most two bucket buffers exist; bucket k+1 is packed while bucket k's broadcast is in flight, and a
   buffer is reused only after its broadcast completed (waited with a deadline);
 - if the producer fails or mismatches mid-stream, every remaining bucket is still broadcast (zero-filled)
@@ -20,11 +22,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator
+from typing import Protocol, runtime_checkable
 
 import torch
 
 from broadcaster.checksum import bucket_checksum
-from broadcaster.control import finish_vote, header_cache, send_header, start_vote, tally
+from broadcaster.control import BucketPlan, finish_vote, header_cache, send_header, start_vote, tally
 from broadcaster.errors import SyncFailed, SyncRefused
 from broadcaster.group import Group
 from broadcaster.report import SyncReport
@@ -66,6 +69,58 @@ def _pack(dst: torch.Tensor, tensor: torch.Tensor, entry: ManifestEntry, offset:
         dst.copy_(tensor.contiguous().reshape(-1).view(torch.uint8)[offset : offset + dst.numel()])
 
 
+@runtime_checkable
+class BucketSource(Protocol):
+    """Writes the stream bucket by bucket: `fill(k, buf)` for k = 0, 1, ... in order (`buf` holds
+    `bucket_sizes[k]` bytes), then `finish()`, which returns why the stream is bad (the sender votes
+    that reason at the commit) or None. A producer that makes tensors in place in the buckets is one;
+    an iterable of `(name, tensor)` is packed by the sender itself."""
+
+    def fill(self, k: int, buf: torch.Tensor) -> None: ...
+
+    def finish(self) -> str | None: ...
+
+
+class _TensorPacker:
+    """The `BucketSource` of an iterator of `(name, tensor)` in manifest order: each tensor is checked
+    against its manifest entry, then its bytes are copied into the buckets its pieces name."""
+
+    def __init__(
+        self, it: Iterator[tuple[str, torch.Tensor]], header: SyncHeader, plan: BucketPlan
+    ) -> None:
+        self.it, self.entries, self.plan = it, header.entries, plan
+        self.current: torch.Tensor | None = None
+        self.produced = 0
+
+    def fill(self, k: int, buf: torch.Tensor) -> None:
+        entries = self.entries
+        try:
+            for index, piece in self.plan[k]:
+                entry = entries[index]
+                if piece.tensor_offset == 0:
+                    self.current = _next_tensor(self.it, entry, self.produced, len(entries))
+                    self.produced += 1
+                assert self.current is not None
+                dst = buf[piece.bucket_offset : piece.bucket_offset + piece.nbytes]
+                _pack(dst, self.current, entry, piece.tensor_offset)
+                if piece.tensor_offset + piece.nbytes == entry.nbytes:
+                    self.current = None
+        except BaseException:
+            self.current = None
+            raise
+
+    def finish(self) -> str | None:
+        extra = next(self.it, None)
+        if extra is not None:
+            return f"producer yielded more than the manifest's {len(self.entries)} tensors: {extra[0]}"
+        return None
+
+    def close(self) -> None:
+        close = getattr(self.it, "close", None)
+        if callable(close):
+            close()
+
+
 class Sender:
     """Broadcasts syncs from rank 0 of `group`."""
 
@@ -75,9 +130,12 @@ class Sender:
         self.group = group
         self.timeouts = timeouts or Timeouts()
 
-    def send(self, header: SyncHeader, tensors: Iterable[tuple[str, torch.Tensor]]) -> SyncReport:
-        """Run one sync; returns the report or raises `SyncRefused`, `SyncFailed` or another
-        `BroadcastError` (timeout / lost peer: the group is then aborted and must be replaced)."""
+    def send(
+        self, header: SyncHeader, tensors: Iterable[tuple[str, torch.Tensor]] | BucketSource
+    ) -> SyncReport:
+        """Run one sync of `tensors` (in manifest order, or a `BucketSource` writing the buckets);
+        returns the report or raises `SyncRefused`, `SyncFailed` or another `BroadcastError`
+        (timeout / lost peer: the group is then aborted and must be replaced)."""
         g, to = self.group, self.timeouts
         g.check_health()
         seq = g.next_seq()
@@ -96,13 +154,14 @@ class Sender:
                 raise SyncRefused(refusals)
 
         sums: list[torch.Tensor] = []
-        it = iter(tensors)
+        if isinstance(tensors, BucketSource):
+            source: BucketSource = tensors
+        else:
+            source = _TensorPacker(iter(tensors), header, header_cache(g).plan(header))
         try:
-            error, work_s, wait_s, peak = self._stream(header, it, sums, accepted)
+            error, work_s, wait_s, peak = self._stream(header, source, sums, accepted)
         except SyncRefused:
-            close = getattr(it, "close", None)
-            if callable(close):
-                close()
+            _close(source)
             raise
         t3 = time.monotonic()
         if header.checksum and sums:
@@ -132,21 +191,19 @@ class Sender:
     def _stream(
         self,
         header: SyncHeader,
-        it: Iterator[tuple[str, torch.Tensor]],
+        source: BucketSource,
         sums: list[torch.Tensor],
         accepted: Callable[[], None],
     ) -> tuple[Exception | None, float, float, int]:
         """Broadcast every bucket; returns (producer error or None, work s, wait s, peak buffer bytes).
-        `accepted()` runs after bucket 0 is packed and before anything is broadcast (it raises
+        `accepted()` runs after bucket 0 is filled and before anything is broadcast (it raises
         `SyncRefused` on a refusal: nothing was sent, the group stays usable)."""
-        g, sizes, entries = self.group, header.bucket_sizes, header.entries
-        plan = header_cache(g).plan(header)
+        g, sizes = self.group, header.bucket_sizes
         bufs = [torch.empty(header.max_bucket_size, dtype=torch.uint8, device=g.device) for _ in sizes[:2]]
         in_flight: list[object | None] = [None, None]
         zeroed = [False, False]
         error: Exception | None = None
-        current: torch.Tensor | None = None
-        produced, work_s, wait_s = 0, 0.0, 0.0
+        work_s, wait_s = 0.0, 0.0
         if not sizes:
             accepted()
         try:
@@ -158,18 +215,9 @@ class Sender:
                 start = time.monotonic()
                 if error is None:
                     try:
-                        for index, piece in plan[k]:
-                            entry = entries[index]
-                            if piece.tensor_offset == 0:
-                                current = _next_tensor(it, entry, produced, len(entries))
-                                produced += 1
-                            assert current is not None
-                            dst = buf[piece.bucket_offset : piece.bucket_offset + piece.nbytes]
-                            _pack(dst, current, entry, piece.tensor_offset)
-                            if piece.tensor_offset + piece.nbytes == entry.nbytes:
-                                current = None
+                        source.fill(k, buf)
                     except Exception as e:
-                        error, current = e, None
+                        error = e
                 if error is not None and not zeroed[slot]:
                     bufs[slot].zero_()
                     zeroed[slot] = True
@@ -183,22 +231,28 @@ class Sender:
                 if work is not None:
                     wait_s += g.wait(work, self.timeouts.bucket_s, "the last buckets to go out")  # type: ignore[arg-type]
             if error is None:
-                extra = next(it, None)
-                if extra is not None:
-                    error = _ProducerError(
-                        f"producer yielded more than the manifest's {len(entries)} tensors: {extra[0]}"
-                    )
+                try:
+                    reason = source.finish()
+                except Exception as e:
+                    error = e
+                else:
+                    error = _ProducerError(reason) if reason else None
         except SyncRefused:
             raise  # refused before any bucket went out: the group stays in lockstep
         except BaseException:
             g.abort("sender interrupted mid-stream")
             raise
         finally:
-            close = getattr(it, "close", None)
-            if error is not None and callable(close):
-                close()
+            if error is not None:
+                _close(source)
         if error is not None and not isinstance(error, _ProducerError):
             wrapped = _ProducerError(f"producer raised {type(error).__name__}: {error}")
             wrapped.__cause__ = error
             error = wrapped
         return error, work_s, wait_s, len(bufs) * header.max_bucket_size
+
+
+def _close(source: BucketSource) -> None:
+    close = getattr(source, "close", None)
+    if callable(close):
+        close()

@@ -30,6 +30,11 @@ class BroadcasterConfig(BaseModel):
     http_timeout_s: float = Field(default=30.0, gt=0)
     checksum: bool = False
     token: str | None = Field(default=None, repr=False)
+    direct_write: bool = Field(
+        default=True,
+        description="unsharded models: quantize each tensor straight into its bucket (no intermediate "
+        "tensors); off: always stream through the layer walker",
+    )
     send_dtype: str | None = Field(
         default=None, description="cast unquantized tensors to this dtype (e.g. bfloat16); None keeps them"
     )

@@ -38,6 +38,7 @@ from configs.quant import QuantScheme
 from configs.trainer import BroadcasterConfig
 from configs.wire import SyncHeader
 from rpc.client import AsyncServerClient
+from trainer_side.bucket_writer import BucketWriter
 from trainer_side.detect import detect_quant_scheme
 from trainer_side.kernel_layout import KernelLayoutError, check_against_runtime, fuse_specs, fuse_tensors
 from trainer_side.names import NameMap
@@ -149,8 +150,10 @@ class WeightBroadcaster:
         self._dtype = getattr(torch, config.send_dtype) if config.send_dtype else None
         self._kernel_rename: dict[str, str] = {}
         # The last push's header (manifest planned once while the model's parameters and the servers'
-        # layout stay the same; each push only swaps the ids). Cleared by `init()`.
+        # layout stay the same; each push only swaps the ids) and its bucket writer, or why there is
+        # none. Cleared by `init()`.
         self._template: tuple[tuple[Any, ...], SyncHeader] | None = None
+        self._writer: BucketWriter | str = "not planned"
 
     # ------------------------------------------------------------------ init
 
@@ -349,8 +352,10 @@ class WeightBroadcaster:
             ),
         )
         wire_error: BaseException | None = None
+        writer = self._writer if isinstance(self._writer, BucketWriter) else None
+        stream = writer or self._timed_stream(model, report, header.layout == "kernel")
         try:
-            report.wire = sender.send(header, self._timed_stream(model, report, header.layout == "kernel"))
+            report.wire = sender.send(header, stream)
         except BroadcastError as exc:
             wire_error = exc
         results = http.join(c.sync_timeout_s + 60) if http is not None else [None] * len(c.servers)
@@ -369,6 +374,8 @@ class WeightBroadcaster:
         wire = report.wire
         assert wire is not None
         report.tensors, report.bytes_sent = wire.tensors, wire.payload_bytes
+        if writer is not None:
+            report.quantize_s = wire.work_s  # quantized in place while filling the buckets
         report.send_s, report.commit_s = wire.transfer_s - report.quantize_s, wire.commit_s
         self.logger.info("%s", report.log_line())
         return report
@@ -399,7 +406,18 @@ class WeightBroadcaster:
                 checksum=c.checksum,
             )
             self._template = (key, template)
+            self._writer = self._plan_writer(model, template)
         return self._template[1].model_copy(update={"sync_id": sync_id, "weights_version": version})
+
+    def _plan_writer(self, model: nn.Module, header: SyncHeader) -> BucketWriter | str:
+        if not self.config.direct_write:
+            return "direct_write is off"
+        writer = BucketWriter.build(
+            model, self.scheme, header, name_map=self.name_map, dtype=self._dtype, rename=self._kernel_rename
+        )
+        if isinstance(writer, str):
+            self.logger.debug("streaming through the layer walker: %s", writer)
+        return writer
 
     def _ensure_group(self) -> None:
         """Re-init (a fresh group with every server) when the group was aborted by a failed sync, here

@@ -77,6 +77,7 @@ if triton is not None:
         x_ptr,
         q_ptr,
         s_ptr,
+        flag_ptr,
         rows_total,
         cols_total,
         stride_xr,
@@ -87,6 +88,7 @@ if triton is not None:
         SOFT_CAST: tl.constexpr,
         INV_FP8_MAX: tl.constexpr,
         AMAX_FLOOR: tl.constexpr,
+        CHECK_FINITE: tl.constexpr,
     ):
         pid_r = tl.program_id(0)
         pid_c = tl.program_id(1)
@@ -124,6 +126,10 @@ if triton is not None:
 
         tl.store(q_ptr + rows[:, None] * cols_total + cols[None, :], q, mask=mask)
         tl.store(s_ptr + pid_r * n_col_blocks + pid_c, sf)
+        if CHECK_FINITE:
+            # sf >= 1e-4 / 448 unless inf or NaN (NaN fails every comparison)
+            bad = (sf != sf) | (sf > 3.0e38)
+            tl.store(flag_ptr, bad.to(tl.int32), mask=bad)
 
 
 def fp8_block_quant(
@@ -153,6 +159,21 @@ def fp8_block_quant(
     return q, sf
 
 
+def fp8_block_quant_into(
+    x: torch.Tensor,
+    q: torch.Tensor,
+    sf: torch.Tensor,
+    block_size: tuple[int, int] = (128, 128),
+    *,
+    flag: torch.Tensor | None = None,
+) -> None:
+    """`fp8_block_quant(x)` written into `q` (fp8, `x.shape`, contiguous) and `sf` (float32, contiguous),
+    e.g. views of a broadcast bucket. `flag` (int32, one element, same device): set to 1 when a scale
+    is inf/NaN (a non-finite weight), without a host sync. The caller checks `supports(x, block_size)`."""
+    with torch.cuda.device(x.device):
+        _launch(x, q, sf, block_size, soft_cast=False, num_warps=DEFAULT_NUM_WARPS, flag=flag)
+
+
 def _launch(
     x: torch.Tensor,
     q: torch.Tensor,
@@ -161,6 +182,7 @@ def _launch(
     *,
     soft_cast: bool,
     num_warps: int,
+    flag: torch.Tensor | None = None,
 ) -> None:
     """Run the kernel into preallocated `q` and `sf` (no checks; CPU tensors work under
     `TRITON_INTERPRET=1`, which the CPU tests use)."""
@@ -170,6 +192,7 @@ def _launch(
         x,
         q,
         sf,
+        sf if flag is None else flag,  # never written without CHECK_FINITE
         x.shape[0],
         x.shape[1],
         x.stride(0),
@@ -180,6 +203,7 @@ def _launch(
         SOFT_CAST=soft_cast,
         INV_FP8_MAX=_INV_FP8_MAX,
         AMAX_FLOOR=_AMAX_FLOOR,
+        CHECK_FINITE=flag is not None,
         num_warps=num_warps,
         enable_fp_fusion=False,
     )

@@ -191,19 +191,29 @@ def _quantizer() -> ModuleType:
     return quantize
 
 
+def specs_by_output(
+    src: Source, scheme: QuantScheme, dtype: torch.dtype | None
+) -> list[list[tuple[str, torch.dtype, Shape]]]:
+    """For each output of `src`: (name, dtype, shape) of the tensors it becomes (a quantized weight:
+    the quantizer's tensors), without touching data."""
+    out_dtype = dtype or src.param.dtype
+    by_output: list[list[tuple[str, torch.dtype, Shape]]] = []
+    for o in src.outputs:
+        if o.quantize:
+            by_output.append([
+                (f"{o.module}.{suffix}", dt, tuple(shape))
+                for suffix, (dt, shape) in _quantizer().quantized_specs(o.shape, out_dtype, scheme).items()
+            ])  # fmt: skip
+        else:
+            by_output.append([(f"{o.module}.{o.suffix}", out_dtype, o.shape)])
+    return by_output
+
+
 def output_specs(
     src: Source, scheme: QuantScheme, dtype: torch.dtype | None
 ) -> list[tuple[str, torch.dtype, Shape]]:
     """(name, dtype, shape) of every tensor `materialize` yields for `src`, without touching data."""
-    out_dtype = dtype or src.param.dtype
-    specs: list[tuple[str, torch.dtype, Shape]] = []
-    for o in src.outputs:
-        if o.quantize:
-            for suffix, (dt, shape) in _quantizer().quantized_specs(o.shape, out_dtype, scheme).items():
-                specs.append((f"{o.module}.{suffix}", dt, tuple(shape)))
-        else:
-            specs.append((f"{o.module}.{o.suffix}", out_dtype, o.shape))
-    return specs
+    return [spec for specs in specs_by_output(src, scheme, dtype) for spec in specs]
 
 
 def _matrix(t: Tensor, e: int, part: _ExpertPart, transposed: bool) -> Tensor:
@@ -211,13 +221,17 @@ def _matrix(t: Tensor, e: int, part: _ExpertPart, transposed: bool) -> Tensor:
     return m[part.start : part.stop]
 
 
-def _pieces(src: Source, full: Tensor) -> Iterator[Tensor]:
+def output_tensor(src: Source, full: Tensor, j: int) -> Tensor:
+    """The part of `full` (the whole parameter) that output `j` of `src` is made from (a view)."""
     if not src.parts:
-        yield full
-        return
-    for e in range(full.shape[0]):
-        for part in src.parts:
-            yield _matrix(full, e, part, src.transposed)
+        return full
+    e, i = divmod(j, len(src.parts))
+    return _matrix(full, e, src.parts[i], src.transposed)
+
+
+def _pieces(src: Source, full: Tensor) -> Iterator[Tensor]:
+    for j in range(len(src.outputs)):
+        yield output_tensor(src, full, j)
 
 
 def _quantize(

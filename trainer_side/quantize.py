@@ -24,7 +24,7 @@ names follow the checkpoint format (`mx_tensor_names`).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import cache, partial
 
 import torch
@@ -273,3 +273,36 @@ def quantize_weight(
             f"weight of shape {tuple(weight.shape)} holds inf or NaN; refusing to quantize it to FP8"
         )
     return {"weight": q, scheme.weight_scale_name: scale}
+
+
+def quantize_into(
+    weight: torch.Tensor,
+    scheme: QuantScheme,
+    out: Mapping[str, torch.Tensor],
+    *,
+    flag: torch.Tensor | None = None,
+) -> None:
+    """`quantize_weight(weight, scheme)` written into the preallocated tensors `out` (the keys, dtypes
+    and shapes of `quantized_specs`), e.g. views of a broadcast bucket; same bits.
+
+    HF-fp8 blocks on CUDA (into CUDA tensors) run the fused Triton kernel straight into `out`; every
+    other quantizer computes its result, then copies it. `flag` (int32, one element) is set to a
+    nonzero value when a float32 scale is inf or NaN (a non-finite weight), without a host sync; NVFP4
+    (which needs the fused group's `global_amax`) is not handled here.
+    """
+    if scheme.quantized and scheme.kind == "nvfp4":
+        raise ValueError("quantize_into does not take nvfp4 (its global scale spans a fused group)")
+    fused = _fused_block(weight, scheme)
+    if fused is not None and all(t.device == weight.device and t.is_contiguous() for t in out.values()):
+        from trainer_side import fp8_kernels
+
+        assert scheme.block_size is not None
+        fp8_kernels.fp8_block_quant_into(
+            weight, out["weight"], out[scheme.weight_scale_name], scheme.block_size, flag=flag
+        )
+        return
+    made = quantize_weight(weight, scheme, check_finite=False)
+    for suffix, t in made.items():
+        out[suffix].copy_(t)
+        if flag is not None and t.dtype == SCALE_DTYPE and suffix != "weight":
+            flag.bitwise_or_((~torch.isfinite(t)).any().to(flag.device, flag.dtype))

@@ -1,0 +1,213 @@
+"""Trainer-side producer benchmark on one GPU: the generic stream vs the in-place `BucketWriter`.
+
+What issue 6's profile showed host-bound: making the stream (walk, quantize, fuse, pack into buckets).
+Here the real `Sender` runs on a one-rank NCCL group (its broadcasts carry nothing anywhere, so the
+wire costs nothing) over the same FP8-blockwise (128x128) manifest of a BF16 Qwen3-shaped model, in
+the same run, for both producers; `sync` is `Sender.send` from the header to the commit, with every
+bucket's GPU work done. Also in the same run: a device copy of the same bytes in bucket-sized pieces
+(what packing alone costs at memory speed) and the Triton quantization of every weight into one
+preallocated buffer (the compute floor). Before timing, every bucket the writer fills is compared
+byte for byte with the generic stream's on this GPU.
+
+Run (one GPU): `python3 bench/producer_bench.py --sizes 0.6b,8b,32b --out-dir $OUT`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import FP8_BLOCK, build_model, median, reseed_
+from broadcaster.framing import make_header, pieces_by_bucket
+from broadcaster.group import Group
+from broadcaster.sender import Sender, _TensorPacker
+from configs.wire import SyncHeader
+from trainer_side.bucket_writer import BucketWriter
+from trainer_side.detect import detect_quant_scheme
+from trainer_side.kernel_layout import fuse_specs, fuse_tensors
+from trainer_side.quantize import quantize_into
+from trainer_side.walker import iter_layer_chunks, plan_stream
+
+SCHEME = detect_quant_scheme({"quantization_config": FP8_BLOCK})
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: a smoke run of the script
+
+
+def sync() -> None:
+    if DEV.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def header_for(model: torch.nn.Module, layout: str, bucket: int) -> SyncHeader:
+    specs = [(s.name, s.dtype, s.shape) for s in plan_stream(model, SCHEME)]
+    if layout == "kernel":
+        specs = fuse_specs(specs)
+    return make_header(
+        specs, sync_id="b", weights_version=0, scheme=SCHEME, layout=layout, bucket_size=bucket
+    )
+
+
+def generic(model: torch.nn.Module, layout: str) -> Iterator[tuple[str, torch.Tensor]]:
+    for chunk in iter_layer_chunks(model, SCHEME):
+        yield from fuse_tensors(chunk.tensors) if layout == "kernel" else chunk.tensors
+
+
+def timed(fn: Callable[[], object], n: int, warmup: int = 1) -> list[float]:
+    out = []
+    for i in range(warmup + n):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        if i >= warmup:
+            out.append(time.perf_counter() - t0)
+    return out
+
+
+def check_equal(model: torch.nn.Module, header: SyncHeader, writer: BucketWriter) -> int:
+    """Fill every bucket both ways on the GPU; returns the number of buckets that differ."""
+    packer = _TensorPacker(generic(model, header.layout), header, pieces_by_bucket(header))
+    bad = 0
+    for k, size in enumerate(header.bucket_sizes):
+        a = torch.zeros(size, dtype=torch.uint8, device=DEV)
+        b = torch.zeros(size, dtype=torch.uint8, device=DEV)
+        writer.fill(k, a)
+        packer.fill(k, b)
+        bad += int(not torch.equal(a, b))
+    assert writer.finish() is None and packer.finish() is None
+    return bad
+
+
+def quantize_floor(model: torch.nn.Module) -> Callable[[], None]:
+    """Every quantized weight through the Triton kernel into one reused buffer: no packing, no Python
+    around it beyond one call per weight."""
+    weights = [m.weight for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+               and "lm_head" not in name]  # fmt: skip
+    biggest = max(w.numel() for w in weights)
+    q = torch.empty(biggest, dtype=torch.float8_e4m3fn, device=DEV)
+    s = torch.empty(biggest // (128 * 128) + 4096, dtype=torch.float32, device=DEV)
+
+    def run() -> None:
+        for w in weights:
+            r, c = w.shape
+            nr, nc = -(-r // 128), -(-c // 128)
+            outs = {"weight": q[: r * c].view(r, c), "weight_scale_inv": s[: nr * nc].view(nr, nc)}
+            quantize_into(w.detach(), SCHEME, outs)
+
+    return run
+
+
+def copy_floor(header: SyncHeader) -> Callable[[], None]:
+    src = torch.empty(header.max_bucket_size, dtype=torch.uint8, device=DEV)
+    dst = torch.empty_like(src)
+
+    def run() -> None:
+        for size in header.bucket_sizes:
+            dst[:size].copy_(src[:size])
+
+    return run
+
+
+def peak_extra(
+    sender: Sender, header: SyncHeader, source: Callable[[], Any], n: int
+) -> tuple[list[float], int]:
+    """Times of `n` syncs of `source()` and the GPU memory they allocated at the peak beyond what was
+    allocated before."""
+    if DEV.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() if DEV.type == "cuda" else 0
+    times = timed(lambda: sender.send(header, source()), n)
+    return times, (torch.cuda.max_memory_allocated() - base if DEV.type == "cuda" else 0)
+
+
+def bench_size(shape: str, args: argparse.Namespace, g: Group, say: Callable[[str], None]) -> dict[str, Any]:
+    model = build_model(shape, torch.bfloat16, DEV)
+    params = sum(p.numel() for p in model.parameters())
+    out: dict[str, Any] = {"params": params, "rows": []}
+    say(f"[{shape}] {params / 1e9:.2f}B params")
+    quant_s = median(timed(quantize_floor(model), args.syncs))
+    out["quantize_floor_s"] = quant_s
+    for layout in args.layouts.split(","):
+        for mib in (int(x) for x in args.bucket_mib.split(",")):
+            header = header_for(model, layout, mib << 20)
+            writer = BucketWriter.build(model, SCHEME, header)
+            assert isinstance(writer, BucketWriter), writer
+            mismatched = check_equal(model, header, writer) if args.check else None
+            sender = Sender(g)
+            reseed_(model, 1)
+            old, old_peak = peak_extra(
+                sender, header, lambda m=model, lay=layout: generic(m, lay), args.syncs
+            )
+            new, new_peak = peak_extra(sender, header, lambda w=writer: w, args.syncs)
+            copy_s = median(timed(copy_floor(header), args.syncs))
+            row = {
+                "layout": layout, "bucket_mib": mib, "bytes": header.payload_bytes,
+                "tensors": len(header.entries), "buckets": len(header.bucket_sizes),
+                "generic_s": median(old), "generic_s_all": old, "writer_s": median(new), "writer_s_all": new,
+                "speedup": median(old) / median(new), "copy_floor_s": copy_s,
+                "wire_s_at_370GBps": header.total_bytes / 370e9,
+                "generic_peak_extra_bytes": old_peak, "writer_peak_extra_bytes": new_peak,
+                "buckets_differing": mismatched,
+            }  # fmt: skip
+            out["rows"].append(row)
+            say(
+                f"[{shape}] {layout:<10} {mib:>5} MiB  {header.payload_bytes / 1e9:6.2f} GB  generic "
+                f"{row['generic_s'] * 1e3:7.1f} ms  writer {row['writer_s'] * 1e3:7.1f} ms  "
+                f"({row['speedup']:.1f}x)  copy floor {copy_s * 1e3:5.1f} ms  quantize floor "
+                f"{quant_s * 1e3:5.1f} ms  wire@370GB/s {row['wire_s_at_370GBps'] * 1e3:5.1f} ms  "
+                f"peak extra {old_peak / 2**20:.0f} / {new_peak / 2**20:.0f} MiB  "
+                f"buckets differing: {mismatched}"
+            )
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="0.6b,8b,32b")
+    ap.add_argument("--layouts", default="kernel,checkpoint")
+    ap.add_argument("--bucket-mib", default="256,1024")
+    ap.add_argument("--syncs", type=int, default=5)
+    ap.add_argument("--no-check", dest="check", action="store_false")
+    ap.add_argument("--out-dir", default="bench/results")
+    ap.add_argument("--date", default=datetime.date.today().isoformat())
+    args = ap.parse_args()
+    dev = torch.cuda.get_device_name(0) if DEV.type == "cuda" else "cpu"
+    tag = f"{args.date}-{dev.replace('NVIDIA ', '').replace(' ', '-').lower()}-producer"
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines: list[str] = []
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+        lines.append(line)
+
+    say(f"producer_bench: {dev}; python3 bench/producer_bench.py {' '.join(sys.argv[1:])}; {args.date}")
+    result: dict[str, Any] = {"device": dev, "date": args.date, "command": " ".join(sys.argv),
+                              "torch": torch.__version__, "sizes": {}}  # fmt: skip
+    backend = "nccl" if DEV.type == "cuda" else "gloo"
+    with Group("127.0.0.1", free_port(), 1, 0, backend=backend, timeout_s=120) as g:
+        for shape in args.sizes.split(","):
+            result["sizes"][shape] = bench_size(shape, args, g, say)
+            (out_dir / f"{tag}.json").write_text(json.dumps(result, indent=1))
+    (out_dir / f"{tag}.txt").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""Writes a sync's buckets straight from an unsharded trainer model, each tensor made in its place.
+
+The generic stream (`walker.iter_layer_chunks` → `kernel_layout.fuse_tensors` → the sender packing
+each tensor) makes every quantized tensor, fuses q/k/v and gate/up with `cat`, then copies the result
+into a bucket: three passes over the bytes and about ten tensor ops per weight, which leaves a GPU
+trainer host-bound. `BucketWriter` plans once per manifest where each checkpoint tensor's bytes lie
+in the stream, and each bucket fill makes one quantizer call per weight whose outputs are views of
+the bucket (the Triton FP8 block kernel writes there directly). A fused runtime tensor is its parts'
+bytes back to back (`cat` on dim 0 and `stack` of contiguous parts both concatenate bytes), so the
+kernel layout needs no fusion step. The bytes equal the generic stream's (tests/test_bucket_writer.py).
+
+A tensor whose bytes lie in one bucket piece is written in place; one spread over several pieces (only
+tensors larger than a bucket, e.g. embeddings) is made once, or viewed when it needs no cast, and its
+bytes copied piece by piece, so memory stays at the sender's buckets plus at most that one tensor.
+
+Not for FSDP2 (DTensor) parameters, whose gathers the walker runs, nor NVFP4, whose global scale spans
+a fused group: `BucketWriter.build` then returns the reason and the caller uses the generic stream.
+Inf/NaN weights set a device flag (no host sync); `finish()` reads it once, after the last bucket.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
+
+from broadcaster.framing import dtype_from_name
+from configs.quant import QuantScheme
+from configs.wire import SyncHeader
+from trainer_side.kernel_layout import plan_targets
+from trainer_side.layers import Source, output_tensor, plan_chunks, specs_by_output
+from trainer_side.names import NameMap
+from trainer_side.quantize import quantize_into
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class _Segment:
+    """Bytes [offset, offset + nbytes) of a made tensor go to `bucket` at `bucket_offset`."""
+
+    bucket: int
+    bucket_offset: int
+    offset: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class _Out:
+    """One checkpoint tensor a write makes: its suffix key, dtype, shape and where its bytes go."""
+
+    name: str
+    key: str
+    dtype: torch.dtype
+    shape: Shape
+    segments: tuple[_Segment, ...]
+
+
+@dataclass(frozen=True)
+class _Write:
+    """Output `index` of `source`: one quantizer call (a weight and its scales) or one plain tensor.
+
+    It runs when bucket `first` (the first bucket any of its bytes go to) is filled. An output lying in
+    one piece of that bucket is written in place; any other is made in a tensor of its own whose bytes
+    are copied into each bucket as it is filled (scales that start the next bucket, split tensors)."""
+
+    source: Source
+    index: int
+    quantize: bool
+    outs: tuple[_Out, ...]
+
+    @property
+    def first(self) -> int:
+        return min(s.bucket for o in self.outs for s in o.segments)
+
+    def in_place(self, o: _Out) -> bool:
+        return len(o.segments) == 1 and o.segments[0].bucket == self.first
+
+
+def _entry_ranges(
+    specs: Sequence[tuple[str, torch.dtype, Shape]], header: SyncHeader, rename: Mapping[str, str]
+) -> dict[str, tuple[int, int]]:
+    """Checkpoint tensor name -> (manifest entry index, byte offset in that entry).
+
+    Checkpoint layout: one entry per tensor. Kernel layout: a runtime entry is its parts, in
+    `plan_targets` order, back to back; `rename` maps fused names to the worker's (routed experts)."""
+    index = {e.name: i for i, e in enumerate(header.entries)}
+    if header.layout != "kernel":
+        return {name: (i, 0) for name, i in index.items()}
+    nbytes = {n: torch.Size(s).numel() * d.itemsize for n, d, s in specs}
+    ranges: dict[str, tuple[int, int]] = {}
+    for target in plan_targets([n for n, _, _ in specs]):
+        entry = index.get(rename.get(target.name, target.name))
+        if entry is None:
+            raise LookupError(f"the manifest has no runtime tensor {target.name}")
+        offset = 0
+        for part in target.parts:
+            ranges[part] = (entry, offset)
+            offset += nbytes[part]
+    return ranges
+
+
+def _segments(header: SyncHeader, entry: int, offset: int, nbytes: int) -> tuple[_Segment, ...]:
+    out: list[_Segment] = []
+    end = offset + nbytes
+    for p in header.entries[entry].pieces:
+        lo, hi = max(offset, p.tensor_offset), min(end, p.tensor_offset + p.nbytes)
+        if lo < hi:
+            out.append(_Segment(p.bucket, p.bucket_offset + lo - p.tensor_offset, lo - offset, hi - lo))
+    return tuple(out)
+
+
+def _view(buf: Tensor, seg: _Segment, dtype: torch.dtype, shape: Shape) -> Tensor:
+    return buf[seg.bucket_offset : seg.bucket_offset + seg.nbytes].view(dtype).view(shape)
+
+
+def _as_bytes(t: Tensor) -> Tensor:
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+class BucketWriter:
+    """Fills the buckets of one manifest from `model`'s parameters (read at each fill, so the trainer
+    may update them in place between pushes). Use: `fill(k, buf)` for k = 0..n-1 in order, then
+    `finish()`; `build` says whether the model and scheme allow it."""
+
+    def __init__(
+        self, writes: list[_Write], header: SyncHeader, scheme: QuantScheme, dtype: torch.dtype | None
+    ) -> None:
+        self.scheme, self.dtype = scheme, dtype
+        n = len(header.bucket_sizes)
+        self._starts: list[list[_Write]] = [[] for _ in range(n)]
+        self._copies: list[list[tuple[_Write, int, _Segment]]] = [[] for _ in range(n)]
+        self._ends: list[list[_Write]] = [[] for _ in range(n)]
+        for w in writes:
+            self._starts[w.first].append(w)
+            later = [(j, seg) for j, o in enumerate(w.outs) if not w.in_place(o) for seg in o.segments]
+            for j, seg in later:
+                self._copies[seg.bucket].append((w, j, seg))
+            if later:
+                self._ends[max(seg.bucket for _, seg in later)].append(w)
+        self._writes = writes
+        self._pending: dict[int, dict[int, Tensor]] = {}
+        self._flag: Tensor | None = None
+
+    @classmethod
+    def build(
+        cls,
+        model: nn.Module,
+        scheme: QuantScheme,
+        header: SyncHeader,
+        *,
+        name_map: NameMap | None = None,
+        dtype: torch.dtype | None = None,
+        rename: Mapping[str, str] | None = None,
+    ) -> BucketWriter | str:
+        """The writer for `header` (planned by the walker from the same model, scheme, name map and
+        dtype; kernel layout: fused, `rename` = fused name -> the worker's), or why it cannot be used."""
+        if scheme.quantized and scheme.kind == "nvfp4":
+            return "nvfp4 global scales are computed per fused group by the walker"
+        sources = [s for chunk in plan_chunks(model, scheme, name_map) for s in chunk.sources]
+        if any(isinstance(s.param, DTensor) for s in sources):
+            return "FSDP2 (DTensor) parameters are gathered by the walker"
+        specs_of = [specs_by_output(s, scheme, dtype) for s in sources]
+        try:
+            ranges = _entry_ranges([t for by in specs_of for o in by for t in o], header, rename or {})
+        except LookupError as e:
+            return str(e)
+        writes: list[_Write] = []
+        covered = [0] * len(header.entries)
+        for src, by_output in zip(sources, specs_of, strict=True):
+            for j, (o, specs) in enumerate(zip(src.outputs, by_output, strict=True)):
+                outs = []
+                for name, dt, shape in specs:
+                    if name not in ranges:
+                        return f"the manifest has no tensor {name}"
+                    entry, offset = ranges[name]
+                    e = header.entries[entry]
+                    nbytes = torch.Size(shape).numel() * dt.itemsize
+                    if header.layout != "kernel" and (dtype_from_name(e.dtype), e.shape) != (dt, shape):
+                        return f"{name}: the manifest has {e.dtype} {list(e.shape)}, the model {dt} {shape}"
+                    if offset + nbytes > e.nbytes:
+                        return f"{name} does not fit in manifest entry {e.name}"
+                    covered[entry] += nbytes
+                    if nbytes:
+                        key = name.rsplit(".", 1)[-1]
+                        outs.append(_Out(name, key, dt, shape, _segments(header, entry, offset, nbytes)))
+                if outs:
+                    writes.append(_Write(src, j, o.quantize, tuple(outs)))
+        short = [e.name for e, c in zip(header.entries, covered, strict=True) if c != e.nbytes]
+        if short:
+            return f"the model's tensors do not cover manifest entries {short[:3]} exactly"
+        return cls(writes, header, scheme, dtype)
+
+    # ------------------------------------------------------------------ per sync
+
+    def _input(self, w: _Write) -> Tensor:
+        x = output_tensor(w.source, w.source.param.detach(), w.index)
+        return x if self.dtype is None else x.to(self.dtype)
+
+    def _write(self, w: _Write, buf: Tensor) -> None:
+        """Run `w` into views of `buf` and, for outputs that lie elsewhere, tensors of their own (kept
+        as flat bytes in `_pending` until every bucket they reach is filled)."""
+        x = self._input(w)
+        if not w.quantize:
+            (o,) = w.outs
+            if w.in_place(o):
+                _view(buf, o.segments[0], o.dtype, o.shape).copy_(x)
+            else:
+                self._pending[id(w)] = {0: _as_bytes(x)}  # a view when no cast was needed
+            return
+        outs: dict[str, Tensor] = {}
+        later: dict[int, Tensor] = {}
+        for j, o in enumerate(w.outs):
+            if w.in_place(o):
+                outs[o.key] = _view(buf, o.segments[0], o.dtype, o.shape)
+            else:
+                outs[o.key] = torch.empty(o.shape, dtype=o.dtype, device=buf.device)
+                later[j] = outs[o.key].reshape(-1).view(torch.uint8)
+        quantize_into(x, self.scheme, outs, flag=self._flag)
+        if later:
+            self._pending[id(w)] = later
+
+    @torch.no_grad()
+    def fill(self, k: int, buf: Tensor) -> None:
+        """Write bucket `k`'s bytes into `buf` (the bucket's buffer, `bucket_sizes[k]` bytes)."""
+        if k == 0:
+            self._pending.clear()
+            self._flag = torch.zeros(1, dtype=torch.int32, device=buf.device)
+        for w in self._starts[k]:
+            self._write(w, buf)
+        for w, j, seg in self._copies[k]:
+            data = self._pending[id(w)][j][seg.offset : seg.offset + seg.nbytes]
+            buf[seg.bucket_offset : seg.bucket_offset + seg.nbytes].copy_(data)
+        for w in self._ends[k]:
+            del self._pending[id(w)]
+
+    def finish(self) -> str | None:
+        """After the last fill: why the stream is bad (inf/NaN weights), or None. One host sync."""
+        self._pending.clear()
+        if self._flag is None or not int(self._flag.item()):
+            return None
+        bad = [
+            w.outs[0].name
+            for w in self._writes
+            if w.quantize and not bool(torch.isfinite(self._input(w)).all())
+        ]
+        return f"weights behind {', '.join(bad[:5])} hold inf or NaN; refusing to quantize them to FP8"
+
