@@ -4,7 +4,8 @@ What issue 6's profile showed host-bound: making the stream (walk, quantize, fus
 Here the real `Sender` runs on a one-rank NCCL group (its broadcasts carry nothing anywhere, so the
 wire costs nothing) over the same FP8-blockwise (128x128) manifest of a BF16 Qwen3-shaped model, in
 the same run, for both producers; `sync` is `Sender.send` from the header to the commit, with every
-bucket's GPU work done. Also in the same run: a device copy of the same bytes in bucket-sized pieces
+bucket's GPU work done. The writer runs twice: one quantizer launch per bucket (default) and one per
+weight. Also in the same run: a device copy of the same bytes in bucket-sized pieces
 (what packing alone costs at memory speed) and the Triton quantization of every weight into one
 preallocated buffer (the compute floor). Before timing, every bucket the writer fills is compared
 byte for byte with the generic stream's on this GPU.
@@ -155,12 +156,16 @@ def bench_size(shape: str, args: argparse.Namespace, g: Group, say: Callable[[st
             old, old_peak = peak_extra(
                 sender, header, lambda m=model, lay=layout: generic(m, lay), args.syncs
             )
+            writer.grouped = False
+            per_weight, _ = peak_extra(sender, header, lambda w=writer: w, args.syncs)
+            writer.grouped = True
             new, new_peak = peak_extra(sender, header, lambda w=writer: w, args.syncs)
             copy_s = median(timed(copy_floor(header), args.syncs))
             row = {
                 "layout": layout, "bucket_mib": mib, "bytes": header.payload_bytes,
                 "tensors": len(header.entries), "buckets": len(header.bucket_sizes),
                 "generic_s": median(old), "generic_s_all": old, "writer_s": median(new), "writer_s_all": new,
+                "writer_per_weight_s": median(per_weight), "writer_per_weight_s_all": per_weight,
                 "speedup": median(old) / median(new), "copy_floor_s": copy_s,
                 "wire_s_at_370GBps": header.total_bytes / 370e9,
                 "generic_peak_extra_bytes": old_peak, "writer_peak_extra_bytes": new_peak,
@@ -169,7 +174,8 @@ def bench_size(shape: str, args: argparse.Namespace, g: Group, say: Callable[[st
             out["rows"].append(row)
             say(
                 f"[{shape}] {layout:<10} {mib:>5} MiB  {header.payload_bytes / 1e9:6.2f} GB  generic "
-                f"{row['generic_s'] * 1e3:7.1f} ms  writer {row['writer_s'] * 1e3:7.1f} ms  "
+                f"{row['generic_s'] * 1e3:7.1f} ms  writer {row['writer_s'] * 1e3:7.1f} ms  (per-weight "
+                f"launches {row['writer_per_weight_s'] * 1e3:.1f})  "
                 f"({row['speedup']:.1f}x)  copy floor {copy_s * 1e3:5.1f} ms  quantize floor "
                 f"{quant_s * 1e3:5.1f} ms  wire@370GB/s {row['wire_s_at_370GBps'] * 1e3:5.1f} ms  "
                 f"peak extra {old_peak / 2**20:.0f} / {new_peak / 2**20:.0f} MiB  "

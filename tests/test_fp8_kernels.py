@@ -101,6 +101,25 @@ def test_cpu_weights_keep_the_eager_path() -> None:
         fp8_kernels.fp8_block_quant(x)
 
 
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_grouped_launch_equals_one_launch_per_weight(dtype: torch.dtype) -> None:
+    g = torch.Generator(device="cuda").manual_seed(3)
+    xs = [torch.randn(r, c, generator=g, device="cuda").to(dtype) for r, c in SHAPES]
+    xs.append(torch.randn(640, 900, generator=g, device="cuda").to(dtype)[:, 100:700])  # strided rows
+    xs[2][100, 200] = float("inf")
+    scales = [torch.empty(-(-x.shape[0] // 128), -(-x.shape[1] // 128), device="cuda") for x in xs]
+    tasks = [(x, torch.empty_like(x, dtype=torch.float8_e4m3fn), s) for x, s in zip(xs, scales, strict=True)]
+    flag = torch.zeros(1, dtype=torch.int32, device="cuda")
+    fp8_kernels.fp8_block_quant_many(tasks, (128, 128), flag=flag)
+    for x, q, sf in tasks:
+        rq, rs = fp8_kernels.fp8_block_quant(x)
+        assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8)), tuple(x.shape)
+        assert torch.equal(sf.view(torch.int32), rs.view(torch.int32)), tuple(x.shape)
+    assert int(flag) == 1
+
+
 _INTERPRETED = textwrap.dedent(
     """
     import torch
@@ -135,6 +154,26 @@ _INTERPRETED = textwrap.dedent(
         dq = int((q.view(torch.uint8) != rq.view(torch.uint8)).sum())
         ds = int((sf.view(torch.int32) != rs.view(torch.int32)).sum())
         assert dq == ds == 0, f"{name}: {dq} fp8 bytes, {ds} scale words differ"
+
+    # All row-major cases of one dtype in one grouped launch, written into views of one buffer.
+    nan = torch.randn(40, 140, generator=g)
+    nan[5, 7] = float("nan")
+    group = [x for x in cases.values() if x.dtype == torch.float32]
+    group += [cases["randn fp32 300x130"][:, :100], nan]
+    sizes = [(x.numel(), -(-x.shape[0] // 128) * -(-x.shape[1] // 128)) for x in group]
+    qbuf = torch.zeros(sum(n for n, _ in sizes), dtype=torch.float8_e4m3fn)
+    sbuf = torch.zeros(sum(m for _, m in sizes))
+    tasks, qo, so = [], 0, 0
+    for x, (n, m) in zip(group, sizes):
+        tasks.append((x, qbuf[qo : qo + n].view(x.shape), sbuf[so : so + m].view(-1, -(-x.shape[1] // 128))))
+        qo, so = qo + n, so + m
+    flag = torch.zeros(1, dtype=torch.int32)
+    fp8_kernels.fp8_block_quant_many(tasks, (128, 128), flag=flag, soft_cast=True)
+    for i, (x, q, sf) in enumerate(tasks[:-1]):  # the NaN task's bytes are NaN codes: only its flag counts
+        rq, rs = cuda_ref(x)
+        assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8)), f"grouped task {i}: fp8 bytes differ"
+        assert torch.equal(sf.view(torch.int32), rs.view(torch.int32)), f"grouped task {i}: scales differ"
+    assert int(flag) == 1, "the NaN weight did not set the flag"
     print("ok")
     """
 )

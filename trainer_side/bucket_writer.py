@@ -33,7 +33,7 @@ from configs.wire import SyncHeader
 from trainer_side.kernel_layout import plan_targets
 from trainer_side.layers import Source, output_tensor, plan_chunks, specs_by_output
 from trainer_side.names import NameMap
-from trainer_side.quantize import quantize_into
+from trainer_side.quantize import quantize_into, quantize_many_into
 
 Shape = tuple[int, ...]
 
@@ -130,6 +130,8 @@ class BucketWriter:
         self, writes: list[_Write], header: SyncHeader, scheme: QuantScheme, dtype: torch.dtype | None
     ) -> None:
         self.scheme, self.dtype = scheme, dtype
+        # One quantizer launch per bucket (and input dtype) rather than per weight; off: per weight.
+        self.grouped = True
         n = len(header.bucket_sizes)
         self._starts: list[list[_Write]] = [[] for _ in range(n)]
         self._copies: list[list[tuple[_Write, int, _Segment]]] = [[] for _ in range(n)]
@@ -200,9 +202,10 @@ class BucketWriter:
         x = output_tensor(w.source, w.source.param.detach(), w.index)
         return x if self.dtype is None else x.to(self.dtype)
 
-    def _write(self, w: _Write, buf: Tensor) -> None:
+    def _write(self, w: _Write, buf: Tensor) -> tuple[Tensor, dict[str, Tensor]] | None:
         """Run `w` into views of `buf` and, for outputs that lie elsewhere, tensors of their own (kept
-        as flat bytes in `_pending` until every bucket they reach is filled)."""
+        as flat bytes in `_pending` until every bucket they reach is filled). A quantized write is
+        returned as (input, outputs) for the caller to quantize with the bucket's others."""
         x = self._input(w)
         if not w.quantize:
             (o,) = w.outs
@@ -210,7 +213,7 @@ class BucketWriter:
                 _view(buf, o.segments[0], o.dtype, o.shape).copy_(x)
             else:
                 self._pending[id(w)] = {0: _as_bytes(x)}  # a view when no cast was needed
-            return
+            return None
         outs: dict[str, Tensor] = {}
         later: dict[int, Tensor] = {}
         for j, o in enumerate(w.outs):
@@ -219,9 +222,9 @@ class BucketWriter:
             else:
                 outs[o.key] = torch.empty(o.shape, dtype=o.dtype, device=buf.device)
                 later[j] = outs[o.key].reshape(-1).view(torch.uint8)
-        quantize_into(x, self.scheme, outs, flag=self._flag)
         if later:
             self._pending[id(w)] = later
+        return x, outs
 
     @torch.no_grad()
     def fill(self, k: int, buf: Tensor) -> None:
@@ -229,13 +232,21 @@ class BucketWriter:
         if k == 0:
             self._pending.clear()
             self._flag = torch.zeros(1, dtype=torch.int32, device=buf.device)
-        for w in self._starts[k]:
-            self._write(w, buf)
+        quantized = [item for w in self._starts[k] if (item := self._write(w, buf)) is not None]
+        if self.grouped:
+            quantize_many_into(quantized, self.scheme, flag=self._flag)
+        else:
+            for x, outs in quantized:
+                quantize_into(x, self.scheme, outs, flag=self._flag)
         for w, j, seg in self._copies[k]:
             data = self._pending[id(w)][j][seg.offset : seg.offset + seg.nbytes]
             buf[seg.bucket_offset : seg.bucket_offset + seg.nbytes].copy_(data)
         for w in self._ends[k]:
             del self._pending[id(w)]
+
+    def close(self) -> None:
+        """The sync ended early (a failure or a refusal): drop the tensors held for later buckets."""
+        self._pending.clear()
 
     def finish(self) -> str | None:
         """After the last fill: why the stream is bad (inf/NaN weights), or None. One host sync."""

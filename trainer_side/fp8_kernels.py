@@ -28,6 +28,7 @@ Needs a CUDA device with FP8 conversions (sm_89+) and Triton; `available()` says
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -73,6 +74,36 @@ def supports(x: torch.Tensor, block_size: tuple[int, int]) -> bool:
 if triton is not None:
 
     @triton.jit
+    def _quantize_tile(x, SOFT_CAST: tl.constexpr, INV_FP8_MAX: tl.constexpr, AMAX_FLOOR: tl.constexpr):
+        """(fp8 tile, float32 scale) of one float32 tile: the reference's bits (module docstring)."""
+        abs_bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+        amax = tl.max(tl.max(abs_bits, axis=1), axis=0).to(tl.float32, bitcast=True)
+        amax = tl.maximum(amax, AMAX_FLOOR, propagate_nan=tl.PropagateNan.ALL)
+        sf = amax * INV_FP8_MAX
+        inv = tl.math.div_rn(1.0, sf)
+        y = x * inv
+
+        if SOFT_CAST:
+            bits = y.to(tl.uint32, bitcast=True)
+            sign = bits & 0x80000000
+            mag = bits ^ sign
+            # normal fp8 range: rebias the exponent and round the mantissa to 3 bits, ties to even
+            mant_odd = (mag >> 20) & 1
+            normal = (mag - (120 << 23) + 0x7FFFF + mant_odd) >> 20
+            # below 2**-6: let a float32 add of 2**14 round to the fp8 subnormal grid
+            magic = tl.full(mag.shape, 141 << 23, tl.uint32)
+            shifted = mag.to(tl.float32, bitcast=True) + magic.to(tl.float32, bitcast=True)
+            sub = shifted.to(tl.uint32, bitcast=True) - (141 << 23)
+            small = mag < (121 << 23)
+            code = tl.where(mag >= (1087 << 20), 0x7F, tl.where(small, sub, normal))
+            code = code | (sign >> 24)
+            q = code.to(tl.uint8).to(tl.float8e4nv, bitcast=True)
+        else:
+            q = y.to(tl.float8e4nv)
+
+        return q, sf
+
+    @triton.jit
     def _fp8_block_kernel(
         x_ptr,
         q_ptr,
@@ -99,35 +130,54 @@ if triton is not None:
             tl.float32
         )
 
-        abs_bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
-        amax = tl.max(tl.max(abs_bits, axis=1), axis=0).to(tl.float32, bitcast=True)
-        amax = tl.maximum(amax, AMAX_FLOOR, propagate_nan=tl.PropagateNan.ALL)
-        sf = amax * INV_FP8_MAX
-        inv = tl.math.div_rn(1.0, sf)
-        y = x * inv
-
-        if SOFT_CAST:
-            bits = y.to(tl.uint32, bitcast=True)
-            sign = bits & 0x80000000
-            mag = bits ^ sign
-            # normal fp8 range: rebias the exponent and round the mantissa to 3 bits, ties to even
-            mant_odd = (mag >> 20) & 1
-            normal = (mag - (120 << 23) + 0x7FFFF + mant_odd) >> 20
-            # below 2**-6: let a float32 add of 2**14 round to the fp8 subnormal grid
-            magic = tl.full(mag.shape, 141 << 23, tl.uint32)
-            shifted = mag.to(tl.float32, bitcast=True) + magic.to(tl.float32, bitcast=True)
-            sub = shifted.to(tl.uint32, bitcast=True) - (141 << 23)
-            small = mag < (121 << 23)
-            code = tl.where(mag >= (1087 << 20), 0x7F, tl.where(small, sub, normal))
-            code = code | (sign >> 24)
-            q = code.to(tl.uint8).to(tl.float8e4nv, bitcast=True)
-        else:
-            q = y.to(tl.float8e4nv)
-
+        q, sf = _quantize_tile(x, SOFT_CAST, INV_FP8_MAX, AMAX_FLOOR)
         tl.store(q_ptr + rows[:, None] * cols_total + cols[None, :], q, mask=mask)
         tl.store(s_ptr + pid_r * n_col_blocks + pid_c, sf)
         if CHECK_FINITE:
             # sf >= 1e-4 / 448 unless inf or NaN (NaN fails every comparison)
+            bad = (sf != sf) | (sf > 3.0e38)
+            tl.store(flag_ptr, bad.to(tl.int32), mask=bad)
+
+    @triton.jit
+    def _fp8_block_group_kernel(
+        tab_ptr,
+        starts_ptr,
+        n_tasks,
+        flag_ptr,
+        X_DTYPE: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        SOFT_CAST: tl.constexpr,
+        INV_FP8_MAX: tl.constexpr,
+        AMAX_FLOOR: tl.constexpr,
+        CHECK_FINITE: tl.constexpr,
+    ):
+        # One launch for many row-major weights: program `pid` is tile `pid - starts[t]` of task t, the
+        # last task whose first tile is <= pid. A task row: x, q, s addresses, rows, cols, row stride.
+        pid = tl.program_id(0)
+        t = 0
+        for i in range(1, n_tasks):
+            t += (tl.load(starts_ptr + i) <= pid).to(tl.int32)
+        row = tab_ptr + t.to(tl.int64) * 6
+        x_ptr = tl.load(row).to(tl.pointer_type(X_DTYPE))
+        q_ptr = tl.load(row + 1).to(tl.pointer_type(tl.float8e4nv))
+        s_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
+        rows_total = tl.load(row + 3)
+        cols_total = tl.load(row + 4)
+        stride_xr = tl.load(row + 5)
+        n_col_blocks = (cols_total + BLOCK_N - 1) // BLOCK_N
+        local = pid - tl.load(starts_ptr + t)
+        pid_r = local // n_col_blocks
+        pid_c = local % n_col_blocks
+        rows = pid_r * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pid_c * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = (rows[:, None] < rows_total) & (cols[None, :] < cols_total)
+        x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+
+        q, sf = _quantize_tile(x, SOFT_CAST, INV_FP8_MAX, AMAX_FLOOR)
+        tl.store(q_ptr + rows[:, None] * cols_total + cols[None, :], q, mask=mask)
+        tl.store(s_ptr + pid_r * n_col_blocks + pid_c, sf)
+        if CHECK_FINITE:
             bad = (sf != sf) | (sf > 3.0e38)
             tl.store(flag_ptr, bad.to(tl.int32), mask=bad)
 
@@ -207,3 +257,57 @@ def _launch(
         num_warps=num_warps,
         enable_fp_fusion=False,
     )
+
+
+_TL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+
+
+def groupable(x: torch.Tensor) -> bool:
+    """Whether `fp8_block_quant_many` takes `x`: a CUDA weight `supports` takes, rows contiguous."""
+    return x.dim() == 2 and x.stride(1) == 1
+
+
+def fp8_block_quant_many(
+    tasks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    block_size: tuple[int, int] = (128, 128),
+    *,
+    flag: torch.Tensor | None = None,
+    soft_cast: bool = False,
+) -> None:
+    """`fp8_block_quant_into(x, q, sf)` for every `(x, q, sf)` of `tasks` in one kernel launch: same bits,
+    one launch instead of one per weight (the launches, not the GPU, bound a layer's worth of small
+    weights). Every `x` has one dtype, is `groupable` and on one CUDA device with its `q`, `sf` (CPU
+    tensors work under `TRITON_INTERPRET=1`)."""
+    if not tasks:
+        return
+    x0 = tasks[0][0]
+    b0, b1 = block_size
+    table: list[int] = []
+    starts: list[int] = []
+    tiles = 0
+    for x, q, sf in tasks:
+        if x.dtype != x0.dtype or not groupable(x):
+            raise ValueError(f"fp8_block_quant_many: {x.dtype} {tuple(x.stride())} differs from the group")
+        starts.append(tiles)
+        tiles += sf.numel()
+        table += [x.data_ptr(), q.data_ptr(), sf.data_ptr(), x.shape[0], x.shape[1], x.stride(0)]
+    dev = x0.device
+    tab = torch.tensor(table, dtype=torch.int64).to(dev, non_blocking=True)
+    first = torch.tensor(starts, dtype=torch.int64).to(dev, non_blocking=True)
+    assert triton is not None
+    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+        _fp8_block_group_kernel[(tiles,)](
+            tab,
+            first,
+            len(tasks),
+            first if flag is None else flag,
+            X_DTYPE=getattr(tl, _TL_DTYPES[x0.dtype]),
+            BLOCK_M=b0,
+            BLOCK_N=b1,
+            SOFT_CAST=soft_cast,
+            INV_FP8_MAX=_INV_FP8_MAX,
+            AMAX_FLOOR=_AMAX_FLOOR,
+            CHECK_FINITE=flag is not None,
+            num_warps=DEFAULT_NUM_WARPS,
+            enable_fp_fusion=False,
+        )

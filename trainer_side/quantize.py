@@ -24,7 +24,7 @@ names follow the checkpoint format (`mx_tensor_names`).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from functools import cache, partial
 
 import torch
@@ -306,3 +306,31 @@ def quantize_into(
         out[suffix].copy_(t)
         if flag is not None and t.dtype == SCALE_DTYPE and suffix != "weight":
             flag.bitwise_or_((~torch.isfinite(t)).any().to(flag.device, flag.dtype))
+
+
+def quantize_many_into(
+    items: Sequence[tuple[torch.Tensor, Mapping[str, torch.Tensor]]],
+    scheme: QuantScheme,
+    *,
+    flag: torch.Tensor | None = None,
+) -> None:
+    """`quantize_into(weight, scheme, out, flag=flag)` for every `(weight, out)`; HF-fp8 blocks of
+    row-major CUDA weights go to the Triton kernel in one launch per input dtype (same bits)."""
+    from trainer_side import fp8_kernels
+
+    groups: dict[torch.dtype, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+    for weight, out in items:
+        q, sf = out.get("weight"), out.get(scheme.weight_scale_name)
+        if (
+            q is not None
+            and sf is not None
+            and _fused_block(weight, scheme) is not None
+            and fp8_kernels.groupable(weight)
+            and all(t.device == weight.device and t.is_contiguous() for t in (q, sf))
+        ):
+            groups.setdefault(weight.dtype, []).append((weight, q, sf))
+        else:
+            quantize_into(weight, scheme, out, flag=flag)
+    for tasks in groups.values():
+        assert scheme.block_size is not None
+        fp8_kernels.fp8_block_quant_many(tasks, scheme.block_size, flag=flag)
