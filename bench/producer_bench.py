@@ -4,10 +4,11 @@ What issue 6's profile showed host-bound: making the stream (walk, quantize, fus
 Here the real `Sender` runs on a one-rank NCCL group (its broadcasts carry nothing anywhere, so the
 wire costs nothing) over the same FP8-blockwise (128x128) manifest of a BF16 Qwen3-shaped model, in
 the same run, for both producers; `sync` is `Sender.send` from the header to the commit, with every
-bucket's GPU work done. The writer runs twice: one quantizer launch per bucket (default) and one per
-weight. Also in the same run: a device copy of the same bytes in bucket-sized pieces
-(what packing alone costs at memory speed) and the Triton quantization of every weight into one
-preallocated buffer (the compute floor). Before timing, every bucket the writer fills is compared
+bucket's GPU work done. The writer runs three ways: small weights grouped into one quantizer launch
+per bucket and large ones launched alone (the default), one launch per weight, one launch per bucket.
+Also in the same run: a device copy of the same bytes in bucket-sized pieces (what packing alone costs
+at memory speed) and the Triton quantization of every weight into one preallocated buffer (the compute
+floor). Before timing, every bucket the writer fills is compared
 byte for byte with the generic stream's on this GPU.
 
 Run (one GPU): `python3 bench/producer_bench.py --sizes 0.6b,8b,32b --out-dir $OUT`.
@@ -37,7 +38,7 @@ from configs.wire import SyncHeader
 from trainer_side.bucket_writer import BucketWriter
 from trainer_side.detect import detect_quant_scheme
 from trainer_side.kernel_layout import fuse_specs, fuse_tensors
-from trainer_side.quantize import quantize_into
+from trainer_side.quantize import GROUP_MAX_NUMEL, quantize_into
 from trainer_side.walker import iter_layer_chunks, plan_stream
 
 SCHEME = detect_quant_scheme({"quantization_config": FP8_BLOCK})
@@ -156,9 +157,11 @@ def bench_size(shape: str, args: argparse.Namespace, g: Group, say: Callable[[st
             old, old_peak = peak_extra(
                 sender, header, lambda m=model, lay=layout: generic(m, lay), args.syncs
             )
-            writer.grouped = False
+            writer.group_max_numel = 0
             per_weight, _ = peak_extra(sender, header, lambda w=writer: w, args.syncs)
-            writer.grouped = True
+            writer.group_max_numel = 1 << 62
+            group_all, _ = peak_extra(sender, header, lambda w=writer: w, args.syncs)
+            writer.group_max_numel = GROUP_MAX_NUMEL
             new, new_peak = peak_extra(sender, header, lambda w=writer: w, args.syncs)
             copy_s = median(timed(copy_floor(header), args.syncs))
             row = {
@@ -166,6 +169,7 @@ def bench_size(shape: str, args: argparse.Namespace, g: Group, say: Callable[[st
                 "tensors": len(header.entries), "buckets": len(header.bucket_sizes),
                 "generic_s": median(old), "generic_s_all": old, "writer_s": median(new), "writer_s_all": new,
                 "writer_per_weight_s": median(per_weight), "writer_per_weight_s_all": per_weight,
+                "writer_group_all_s": median(group_all), "writer_group_all_s_all": group_all,
                 "speedup": median(old) / median(new), "copy_floor_s": copy_s,
                 "wire_s_at_370GBps": header.total_bytes / 370e9,
                 "generic_peak_extra_bytes": old_peak, "writer_peak_extra_bytes": new_peak,
@@ -174,8 +178,9 @@ def bench_size(shape: str, args: argparse.Namespace, g: Group, say: Callable[[st
             out["rows"].append(row)
             say(
                 f"[{shape}] {layout:<10} {mib:>5} MiB  {header.payload_bytes / 1e9:6.2f} GB  generic "
-                f"{row['generic_s'] * 1e3:7.1f} ms  writer {row['writer_s'] * 1e3:7.1f} ms  (per-weight "
-                f"launches {row['writer_per_weight_s'] * 1e3:.1f})  "
+                f"{row['generic_s'] * 1e3:7.1f} ms  writer {row['writer_s'] * 1e3:7.1f} ms  (launch per "
+                f"weight {row['writer_per_weight_s'] * 1e3:.1f}, one per bucket "
+                f"{row['writer_group_all_s'] * 1e3:.1f})  "
                 f"({row['speedup']:.1f}x)  copy floor {copy_s * 1e3:5.1f} ms  quantize floor "
                 f"{quant_s * 1e3:5.1f} ms  wire@370GB/s {row['wire_s_at_370GBps'] * 1e3:5.1f} ms  "
                 f"peak extra {old_peak / 2**20:.0f} / {new_peak / 2**20:.0f} MiB  "

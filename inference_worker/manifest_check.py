@@ -29,7 +29,8 @@ covered, every shard of a packed or expert parameter exactly once. Attention KV-
 ``q/k/v_zero_point`` compressed-tensors creates on every attention layer) are optional: checkpoints
 often lack them and vLLM then keeps its defaults.
 
-Not checked: values; per-tensor scale shapes of packed params (one scalar per part); shapes under a
+Not checked: values; per-tensor scale shapes of packed params (one scalar per part, stored as () or
+(1,)); shapes under a
 dtype change other than between plain floats (packed int4/fp4 layouts); expert-parallel placement
 (every logical expert is required, whichever rank holds it); names a model's hand-written
 ``load_weights`` handles specially beyond the mapper/packing/expert conventions above (they are
@@ -38,6 +39,7 @@ reported as unknown). Unexpected biases that vLLM would silently ignore are refu
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -203,6 +205,11 @@ def _shape_problem(name: str, shape: tuple[int, ...], target: _Target, m: _Model
     out_dim, in_dim = getattr(meta, "output_dim", None), getattr(meta, "input_dim", None)
     sdim = {"column": out_dim, "vocab": out_dim, "row": in_dim}.get(kind)
     local = list(want)
+    scalar_slot = math.prod(want) == 1 or (target.part is not None and len(want) == 1)
+    if not exact and scalar_slot and len(shape) <= 1 and math.prod(shape) == 1:
+        # a per-tensor / per-part scalar scale, stored as () or (1,) (compressed-tensors' NVFP4 global
+        # scales): a packed parameter keeps one per part
+        return None
     if len(shape) != len(want):
         if len(want) <= 1 and len(shape) <= 1 and not exact:
             return None  # per-tensor/per-part scalar scales

@@ -106,8 +106,9 @@ def test_cpu_weights_keep_the_eager_path() -> None:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_grouped_launch_equals_one_launch_per_weight(dtype: torch.dtype) -> None:
     g = torch.Generator(device="cuda").manual_seed(3)
-    xs = [torch.randn(r, c, generator=g, device="cuda").to(dtype) for r, c in SHAPES]
-    xs.append(torch.randn(640, 900, generator=g, device="cuda").to(dtype)[:, 100:700])  # strided rows
+    shapes = [(1, 16), (7, 4096), (129, 256), (300, 144), (128, 128), (1000, 3008), (4097, 1024)]
+    xs = [torch.randn(r, c, generator=g, device="cuda").to(dtype) for r, c in shapes]
+    xs.append(torch.randn(640, 912, generator=g, device="cuda").to(dtype)[:, 112:704])  # strided rows
     xs[2][100, 200] = float("inf")
     scales = [torch.empty(-(-x.shape[0] // 128), -(-x.shape[1] // 128), device="cuda") for x in xs]
     tasks = [(x, torch.empty_like(x, dtype=torch.float8_e4m3fn), s) for x, s in zip(xs, scales, strict=True)]
@@ -155,18 +156,20 @@ _INTERPRETED = textwrap.dedent(
         ds = int((sf.view(torch.int32) != rs.view(torch.int32)).sum())
         assert dq == ds == 0, f"{name}: {dq} fp8 bytes, {ds} scale words differ"
 
-    # All row-major cases of one dtype in one grouped launch, written into views of one buffer.
-    nan = torch.randn(40, 140, generator=g)
+    # Row-major weights of one dtype (rows a multiple of 16 long, as `groupable` needs) in one grouped
+    # launch, written into views of one buffer; row counts that are not whole blocks exercise the masks.
+    nan = torch.randn(40, 144, generator=g)
     nan[5, 7] = float("nan")
-    group = [x for x in cases.values() if x.dtype == torch.float32]
-    group += [cases["randn fp32 300x130"][:, :100], nan]
+    wide = torch.randn(300, 144, generator=g)
+    group = [wide, wide[:, :112], torch.randn(1, 16, generator=g), torch.zeros(129, 272),
+             torch.randn(130, 160, generator=g) * 1e-40, nan]  # fmt: skip
     sizes = [(x.numel(), -(-x.shape[0] // 128) * -(-x.shape[1] // 128)) for x in group]
-    qbuf = torch.zeros(sum(n for n, _ in sizes), dtype=torch.float8_e4m3fn)
+    qbuf = torch.zeros(sum(-(-n // 16) * 16 for n, _ in sizes), dtype=torch.float8_e4m3fn)
     sbuf = torch.zeros(sum(m for _, m in sizes))
     tasks, qo, so = [], 0, 0
     for x, (n, m) in zip(group, sizes):
         tasks.append((x, qbuf[qo : qo + n].view(x.shape), sbuf[so : so + m].view(-1, -(-x.shape[1] // 128))))
-        qo, so = qo + n, so + m
+        qo, so = qo + -(-n // 16) * 16, so + m
     flag = torch.zeros(1, dtype=torch.int32)
     fp8_kernels.fp8_block_quant_many(tasks, (128, 128), flag=flag, soft_cast=True)
     for i, (x, q, sf) in enumerate(tasks[:-1]):  # the NaN task's bytes are NaN codes: only its flag counts

@@ -33,7 +33,7 @@ from configs.wire import SyncHeader
 from trainer_side.kernel_layout import plan_targets
 from trainer_side.layers import Source, output_tensor, plan_chunks, specs_by_output
 from trainer_side.names import NameMap
-from trainer_side.quantize import quantize_into, quantize_many_into
+from trainer_side.quantize import GROUP_MAX_NUMEL, quantize_many_into
 
 Shape = tuple[int, ...]
 
@@ -130,8 +130,8 @@ class BucketWriter:
         self, writes: list[_Write], header: SyncHeader, scheme: QuantScheme, dtype: torch.dtype | None
     ) -> None:
         self.scheme, self.dtype = scheme, dtype
-        # One quantizer launch per bucket (and input dtype) rather than per weight; off: per weight.
-        self.grouped = True
+        # Weights up to this many elements share one quantizer launch per bucket; 0: one per weight.
+        self.group_max_numel = GROUP_MAX_NUMEL
         n = len(header.bucket_sizes)
         self._starts: list[list[_Write]] = [[] for _ in range(n)]
         self._copies: list[list[tuple[_Write, int, _Segment]]] = [[] for _ in range(n)]
@@ -233,11 +233,7 @@ class BucketWriter:
             self._pending.clear()
             self._flag = torch.zeros(1, dtype=torch.int32, device=buf.device)
         quantized = [item for w in self._starts[k] if (item := self._write(w, buf)) is not None]
-        if self.grouped:
-            quantize_many_into(quantized, self.scheme, flag=self._flag)
-        else:
-            for x, outs in quantized:
-                quantize_into(x, self.scheme, outs, flag=self._flag)
+        quantize_many_into(quantized, self.scheme, flag=self._flag, group_max_numel=self.group_max_numel)
         for w, j, seg in self._copies[k]:
             data = self._pending[id(w)][j][seg.offset : seg.offset + seg.nbytes]
             buf[seg.bucket_offset : seg.bucket_offset + seg.nbytes].copy_(data)

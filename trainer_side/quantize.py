@@ -43,6 +43,9 @@ _CT_ZERO_SCALE = torch.finfo(SCALE_DTYPE).eps  # compressed_tensors _get_dtype_e
 _INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 Core = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# Weights up to this size share one Triton launch in `quantize_many_into` (a 4096x4096 matrix: about
+# 15 us of H200 time, less than launching its own kernel costs the host); larger ones get their own.
+GROUP_MAX_NUMEL = 1 << 24
 
 
 def _pad_to_blocks(x: torch.Tensor, b0: int, b1: int) -> torch.Tensor:
@@ -313,9 +316,11 @@ def quantize_many_into(
     scheme: QuantScheme,
     *,
     flag: torch.Tensor | None = None,
+    group_max_numel: int = GROUP_MAX_NUMEL,
 ) -> None:
     """`quantize_into(weight, scheme, out, flag=flag)` for every `(weight, out)`; HF-fp8 blocks of
-    row-major CUDA weights go to the Triton kernel in one launch per input dtype (same bits)."""
+    row-major CUDA weights of at most `group_max_numel` elements go to the Triton kernel in one launch
+    per input dtype (same bits): a launch costs more host time than such a weight costs the GPU."""
     from trainer_side import fp8_kernels
 
     groups: dict[torch.dtype, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
@@ -324,8 +329,9 @@ def quantize_many_into(
         if (
             q is not None
             and sf is not None
+            and weight.numel() <= group_max_numel
             and _fused_block(weight, scheme) is not None
-            and fp8_kernels.groupable(weight)
+            and fp8_kernels.groupable(weight, q)
             and all(t.device == weight.device and t.is_contiguous() for t in (q, sf))
         ):
             groups.setdefault(weight.dtype, []).append((weight, q, sf))
