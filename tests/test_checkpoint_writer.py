@@ -54,7 +54,8 @@ def test_written_checkpoint_is_the_stream(quant: dict[str, Any] | None, tmp_path
 
     assert (out / "model.safetensors").is_file() and not (out / "model.safetensors.index.json").exists()
     assert detect_quant_scheme(out) == scheme
-    assert json.loads((out / "config.json").read_text()) == json.loads(json.dumps(base))
+    config = base | {"architectures": [type(model).__name__]}  # filled in: the config had none
+    assert json.loads((out / "config.json").read_text()) == json.loads(json.dumps(config))
     written = read_all(out)
     plan = plan_stream(model, scheme)
     assert sorted(written) == sorted(s.name for s in plan)
@@ -97,3 +98,15 @@ def test_config_must_describe_the_scheme(tmp_path: Path) -> None:
     fp8 = detect_quant_scheme({"quantization_config": FP8_BLOCK})
     with pytest.raises(ValueError, match="quantization_config"):
         write_hf_checkpoint(model, fp8, tmp_path, base)
+
+
+def test_config_without_architectures_names_the_model_class(tmp_path: Path) -> None:
+    # A config built in code has `architectures` None; vLLM then serves the model as a pooling
+    # (embedding) model, without generation routes (seen with `layercast demo --scheme fp8_block`).
+    model, base = setup(FP8_BLOCK)
+    assert not base.get("architectures")
+    write_hf_checkpoint(model, detect_quant_scheme(base), tmp_path / "a", base)
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["architectures"] == [type(model).__name__]
+    given = base | {"architectures": ["SomethingElse"]}
+    write_hf_checkpoint(model, detect_quant_scheme(given), tmp_path / "b", given)
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["architectures"] == ["SomethingElse"]

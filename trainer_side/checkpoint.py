@@ -38,7 +38,8 @@ def write_hf_checkpoint(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> Path:
     """Write `model` quantized as `scheme` into `out_dir`: `config.json` (= `base_config`, which must
-    describe `scheme`, i.e. hold its `quantization_config`) and `model.safetensors`, or numbered shards
+    describe `scheme`, i.e. hold its `quantization_config`; `architectures`, if missing, names the
+    model's class) and `model.safetensors`, or numbered shards
     plus `model.safetensors.index.json` when the tensors exceed `max_shard_bytes`. Returns `out_dir`.
 
     Tokenizer and generation config are not written: copy them from the trainer's model directory.
@@ -90,5 +91,12 @@ def write_hf_checkpoint(
             tmp.rename(out / final_name)
         index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    (out / "config.json").write_text(json.dumps(dict(base_config), indent=2, sort_keys=True) + "\n")
+    config = dict(base_config)
+    if not config.get("architectures"):
+        # as `save_pretrained` does: without it vLLM cannot tell a causal LM from a pooling model
+        # (FSDP2 subclasses the model's class, hence the first transformers class of its MRO)
+        classes = type(model).__mro__
+        arch = next((c for c in classes if c.__module__.startswith("transformers.")), type(model))
+        config["architectures"] = [arch.__name__]
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out
