@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import FP8_BLOCK, build_model, median, reseed_
 from broadcaster.framing import make_header, pieces_by_bucket
 from broadcaster.group import Group
-from broadcaster.sender import Sender, _TensorPacker
+from broadcaster.sender import Sender, TensorPacker
 from configs.wire import SyncHeader
 from trainer_side.bucket_writer import BucketWriter
 from trainer_side.detect import detect_quant_scheme
@@ -84,7 +84,7 @@ def timed(fn: Callable[[], object], n: int, warmup: int = 1) -> list[float]:
 
 def check_equal(model: torch.nn.Module, header: SyncHeader, writer: BucketWriter) -> int:
     """Fill every bucket both ways on the GPU; returns the number of buckets that differ."""
-    packer = _TensorPacker(generic(model, header.layout), header, pieces_by_bucket(header))
+    packer = TensorPacker(generic(model, header.layout), header, pieces_by_bucket(header))
     bad = 0
     for k, size in enumerate(header.bucket_sizes):
         a = torch.zeros(size, dtype=torch.uint8, device=DEV)

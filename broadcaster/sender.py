@@ -81,7 +81,7 @@ class BucketSource(Protocol):
     def finish(self) -> str | None: ...
 
 
-class _TensorPacker:
+class TensorPacker:
     """The `BucketSource` of an iterator of `(name, tensor)` in manifest order: each tensor is checked
     against its manifest entry, then its bytes are copied into the buckets its pieces name."""
 
@@ -157,7 +157,7 @@ class Sender:
         if isinstance(tensors, BucketSource):
             source: BucketSource = tensors
         else:
-            source = _TensorPacker(iter(tensors), header, header_cache(g).plan(header))
+            source = TensorPacker(iter(tensors), header, header_cache(g).plan(header))
         try:
             error, work_s, wait_s, peak = self._stream(header, source, sums, accepted)
         except SyncRefused:

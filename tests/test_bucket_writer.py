@@ -14,7 +14,7 @@ from torch import nn
 from broadcaster.framing import make_header, pieces_by_bucket
 from broadcaster.group import Group
 from broadcaster.receiver import Receiver
-from broadcaster.sender import Sender, _TensorPacker
+from broadcaster.sender import Sender, TensorPacker
 from configs.quant import QuantScheme
 from configs.wire import SyncHeader
 from tests.test_broadcaster import free_port
@@ -83,7 +83,7 @@ def test_buckets_equal_the_generic_stream(
         assert any(len(e.pieces) > 1 for e in header.entries)  # tensors split over buckets
     writer = BucketWriter.build(model, scheme, header, dtype=dtype)
     assert isinstance(writer, BucketWriter), writer
-    packer = _TensorPacker(generic_stream(model, scheme, layout, dtype), header, pieces_by_bucket(header))
+    packer = TensorPacker(generic_stream(model, scheme, layout, dtype), header, pieces_by_bucket(header))
     expected = buckets_of(header, packer)
     got = buckets_of(header, writer)
     for k, (a, b) in enumerate(zip(got, expected, strict=True)):
@@ -92,7 +92,7 @@ def test_buckets_equal_the_generic_stream(
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(0.5)
-    packer = _TensorPacker(generic_stream(model, scheme, layout, dtype), header, pieces_by_bucket(header))
+    packer = TensorPacker(generic_stream(model, scheme, layout, dtype), header, pieces_by_bucket(header))
     again = zip(buckets_of(header, writer), buckets_of(header, packer), strict=True)
     assert all(torch.equal(a, b) for a, b in again)
 
@@ -165,7 +165,7 @@ def test_triton_in_place_buckets_equal_the_generic_stream_on_cuda(arch: str, lay
     header = header_for(model, FP8_BLOCK, layout, 4096)
     writer = BucketWriter.build(model, FP8_BLOCK, header)
     assert isinstance(writer, BucketWriter)
-    packer = _TensorPacker(generic_stream(model, FP8_BLOCK, layout, None), header, pieces_by_bucket(header))
+    packer = TensorPacker(generic_stream(model, FP8_BLOCK, layout, None), header, pieces_by_bucket(header))
     for k, size in enumerate(header.bucket_sizes):
         a = torch.zeros(size, dtype=torch.uint8, device="cuda")
         b = torch.zeros(size, dtype=torch.uint8, device="cuda")
@@ -179,3 +179,26 @@ def test_triton_in_place_buckets_equal_the_generic_stream_on_cuda(arch: str, lay
         writer.fill(k, torch.zeros(size, dtype=torch.uint8, device="cuda"))
     reason = writer.finish()
     assert reason is not None and "model.layers.1.self_attn.o_proj.weight" in reason
+
+
+def test_a_replaced_parameter_object_is_read_by_the_next_push() -> None:
+    # `load_state_dict(assign=True)` and friends swap Parameter objects: the push must not keep reading
+    # the ones it planned with.
+    from configs.trainer import BroadcasterConfig
+    from trainer_side.broadcast import WeightBroadcaster
+
+    model = tiny("qwen3")
+    config = {"quantization_config": {"quant_method": "fp8", "activation_scheme": "dynamic",
+                                      "weight_block_size": [32, 32]}}  # fmt: skip
+    bc = WeightBroadcaster(BroadcasterConfig(servers=["http://127.0.0.1:9"], inference_config=config))
+    first = bc._header(model, "a", 1)
+    with torch.no_grad():
+        fresh = torch.nn.Parameter(model.model.layers[1].mlp.up_proj.weight.detach() * -2.0)
+    model.model.layers[1].mlp.up_proj.weight = fresh
+    header = bc._header(model, "b", 2)
+    assert header.entries == first.entries  # same manifest, planned again
+    writer = bc._writer
+    assert isinstance(writer, BucketWriter)
+    stream = generic_stream(model, bc.scheme, "checkpoint", None)
+    expected = buckets_of(header, TensorPacker(stream, header, pieces_by_bucket(header)))
+    assert all(torch.equal(a, b) for a, b in zip(buckets_of(header, writer), expected, strict=True))

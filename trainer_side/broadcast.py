@@ -381,12 +381,13 @@ class WeightBroadcaster:
         return report
 
     def _header(self, model: nn.Module, sync_id: str, version: int) -> SyncHeader:
-        """This push's header; the manifest is re-planned only when the model's parameters (names,
-        dtypes, shapes) or the servers' layout changed since the last push."""
+        """This push's header; the manifest (and the bucket writer) is re-planned only when the model's
+        parameters (names, dtypes, shapes, or the parameter objects themselves: the writer reads the
+        ones it planned with) or the servers' layout changed since the last push."""
         c = self.config
         key = (
             id(model),
-            tuple((n, p.dtype, tuple(p.shape)) for n, p in model.named_parameters()),
+            tuple((n, id(p), p.dtype, tuple(p.shape)) for n, p in model.named_parameters()),
             self.layout,
         )
         if self._template is None or self._template[0] != key:
