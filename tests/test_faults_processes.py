@@ -29,10 +29,12 @@ import pytest
 import torch
 
 from configs.trainer import BroadcasterConfig
+from configs.wire import SyncHeader
 from rpc.launch import ServerProcess, free_port, tiny_model_serve_args
 from rpc.middleware import VERSION_HEADER
 from tests.toy_server import BackgroundPost, assert_serves
 from trainer_side.broadcast import PushError, PushReport, WeightBroadcaster
+from trainer_side.bucket_writer import BucketWriter
 from trainer_side.toy_models import save_toy, toy_config, toy_model
 
 pytestmark = pytest.mark.slow
@@ -51,8 +53,10 @@ def model_at(version: int) -> torch.nn.Module:
 
 
 class PausingBroadcaster(WeightBroadcaster):
-    """A `WeightBroadcaster` whose tensor stream can stop after `pause_at` tensors (buckets before it are
-    on the wire and loading on the servers): it sets `mid` and waits for `go` (a kill, or a release)."""
+    """A `WeightBroadcaster` whose stream can stop after `pause_at` tensors (buckets before it are on the
+    wire and loading on the servers): it sets `mid` and waits for `go` (a kill, or a release). Either
+    producer pauses: the walker's stream before that tensor, the in-place bucket writer (the default
+    for this unsharded model) before the bucket where that tensor starts."""
 
     pause_at: int | None = None
 
@@ -69,6 +73,20 @@ class PausingBroadcaster(WeightBroadcaster):
                 self.mid.set()
                 self.go.wait(120)
             yield item
+
+    def _plan_writer(self, model: Any, header: SyncHeader) -> BucketWriter | str:
+        writer = super()._plan_writer(model, header)
+        if isinstance(writer, BucketWriter):
+            fill = writer.fill
+
+            def pausing_fill(k: int, buf: torch.Tensor) -> None:
+                if self.pause_at is not None and k == header.entries[self.pause_at].pieces[0].bucket:
+                    self.mid.set()
+                    self.go.wait(120)
+                fill(k, buf)
+
+            writer.fill = pausing_fill  # type: ignore[method-assign]
+        return writer
 
 
 def trainer_main() -> None:
