@@ -4,10 +4,11 @@ The generic stream (`walker.iter_layer_chunks` → `kernel_layout.fuse_tensors` 
 each tensor) makes every quantized tensor, fuses q/k/v and gate/up with `cat`, then copies the result
 into a bucket: three passes over the bytes and about ten tensor ops per weight, which leaves a GPU
 trainer host-bound. `BucketWriter` plans once per manifest where each checkpoint tensor's bytes lie
-in the stream, and each bucket fill makes one quantizer call per weight whose outputs are views of
-the bucket (the Triton FP8 block kernel writes there directly). A fused runtime tensor is its parts'
-bytes back to back (`cat` on dim 0 and `stack` of contiguous parts both concatenate bytes), so the
-kernel layout needs no fusion step. The bytes equal the generic stream's (tests/test_bucket_writer.py).
+in the stream, and each bucket fill quantizes the weights landing in it into views of the bucket (the
+Triton FP8 block kernel writes there directly, small weights of a bucket sharing one launch: see
+`quantize.quantize_many_into`). A fused runtime tensor is its parts' bytes back to back (`cat` on
+dim 0 and `stack` of contiguous parts both concatenate bytes), so the kernel layout needs no fusion
+step. The bytes equal the generic stream's (tests/test_bucket_writer.py).
 
 A tensor whose bytes lie in one bucket piece is written in place; one spread over several pieces (only
 tensors larger than a bucket, e.g. embeddings) is made once, or viewed when it needs no cast, and its
