@@ -30,11 +30,10 @@ covered, every shard of a packed or expert parameter exactly once. Attention KV-
 often lack them and vLLM then keeps its defaults.
 
 Not checked: values; per-tensor scale shapes of packed params (one scalar per part, stored as () or
-(1,)); shapes under a
-dtype change other than between plain floats (packed int4/fp4 layouts); expert-parallel placement
-(every logical expert is required, whichever rank holds it); names a model's hand-written
-``load_weights`` handles specially beyond the mapper/packing/expert conventions above (they are
-reported as unknown). Unexpected biases that vLLM would silently ignore are refused here.
+(1,)); shapes under a dtype change other than between plain floats (packed int4/fp4 layouts);
+expert-parallel placement (every logical expert is required, whichever rank holds it); names a model's
+hand-written ``load_weights`` handles specially beyond the mapper/packing/expert conventions above
+(they are reported as unknown). Unexpected biases that vLLM would silently ignore are refused here.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor, nn
@@ -73,7 +74,7 @@ class _Write:
     quantize: bool
     outs: tuple[_Out, ...]
 
-    @property
+    @cached_property  # read for every output at every fill: computed once
     def first(self) -> int:
         return min(s.bucket for o in self.outs for s in o.segments)
 

@@ -278,6 +278,19 @@ def quantize_weight(
     return {"weight": q, scheme.weight_scale_name: scale}
 
 
+def _kernel_outputs(
+    weight: torch.Tensor, scheme: QuantScheme, out: Mapping[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`out`'s (fp8 weight, scale) when the fused Triton kernel can write them in place (HF-fp8 blocks of
+    a CUDA weight into contiguous tensors on its device), else None."""
+    if _fused_block(weight, scheme) is None or set(out) != {"weight", scheme.weight_scale_name}:
+        return None
+    q, sf = out["weight"], out[scheme.weight_scale_name]
+    if all(t.device == weight.device and t.is_contiguous() for t in (q, sf)):
+        return q, sf
+    return None
+
+
 def quantize_into(
     weight: torch.Tensor,
     scheme: QuantScheme,
@@ -295,14 +308,12 @@ def quantize_into(
     """
     if scheme.quantized and scheme.kind == "nvfp4":
         raise ValueError("quantize_into does not take nvfp4 (its global scale spans a fused group)")
-    fused = _fused_block(weight, scheme)
-    if fused is not None and all(t.device == weight.device and t.is_contiguous() for t in out.values()):
+    kernel_out = _kernel_outputs(weight, scheme, out)
+    if kernel_out is not None:
         from trainer_side import fp8_kernels
 
         assert scheme.block_size is not None
-        fp8_kernels.fp8_block_quant_into(
-            weight, out["weight"], out[scheme.weight_scale_name], scheme.block_size, flag=flag
-        )
+        fp8_kernels.fp8_block_quant_into(weight, *kernel_out, scheme.block_size, flag=flag)
         return
     made = quantize_weight(weight, scheme, check_finite=False)
     for suffix, t in made.items():
@@ -325,16 +336,9 @@ def quantize_many_into(
 
     groups: dict[torch.dtype, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
     for weight, out in items:
-        q, sf = out.get("weight"), out.get(scheme.weight_scale_name)
-        if (
-            q is not None
-            and sf is not None
-            and weight.numel() <= group_max_numel
-            and _fused_block(weight, scheme) is not None
-            and fp8_kernels.groupable(weight, q)
-            and all(t.device == weight.device and t.is_contiguous() for t in (q, sf))
-        ):
-            groups.setdefault(weight.dtype, []).append((weight, q, sf))
+        kernel_out = _kernel_outputs(weight, scheme, out) if weight.numel() <= group_max_numel else None
+        if kernel_out is not None and fp8_kernels.groupable(weight, kernel_out[0]):
+            groups.setdefault(weight.dtype, []).append((weight, *kernel_out))
         else:
             quantize_into(weight, scheme, out, flag=flag)
     for tasks in groups.values():
