@@ -109,13 +109,16 @@ def test_refuses_what_it_cannot_write() -> None:
     assert isinstance(reason, str) and "float32" in reason and "bfloat16" in reason
 
 
-def test_inf_or_nan_weights_are_named_at_finish() -> None:
+@pytest.mark.parametrize(
+    ("scheme", "fmt"), [(FP8_BLOCK, "FP8"), (MXFP8, "MXFP8")], ids=["fp8_block", "mxfp8"]
+)
+def test_inf_or_nan_weights_are_named_at_finish(scheme: QuantScheme, fmt: str) -> None:
     model = tiny("qwen3")
     with torch.no_grad():
         model.model.layers[1].mlp.down_proj.weight[3, 5] = float("nan")
         model.model.layers[0].self_attn.k_proj.weight[0, 0] = float("inf")
-    header = header_for(model, FP8_BLOCK, "kernel", 2048)
-    writer = BucketWriter.build(model, FP8_BLOCK, header)
+    header = header_for(model, scheme, "kernel", 2048)
+    writer = BucketWriter.build(model, scheme, header)
     assert isinstance(writer, BucketWriter)
     for k, size in enumerate(header.bucket_sizes):
         writer.fill(k, torch.zeros(size, dtype=torch.uint8))
@@ -123,7 +126,7 @@ def test_inf_or_nan_weights_are_named_at_finish() -> None:
     assert reason is not None
     assert "model.layers.0.self_attn.k_proj.weight" in reason
     assert "model.layers.1.mlp.down_proj.weight" in reason
-    assert "inf or NaN" in reason
+    assert f"inf or NaN; refusing to quantize them to {fmt}" in reason
 
 
 def test_a_gloo_sync_of_the_writer_arrives_as_the_generic_stream() -> None:

@@ -256,5 +256,6 @@ class BucketWriter:
             for w in self._writes
             if w.quantize and not bool(torch.isfinite(self._input(w)).all())
         ]
-        return f"weights behind {', '.join(bad[:5])} hold inf or NaN; refusing to quantize them to FP8"
+        fmt = "FP8" if self.scheme.kind.startswith("fp8") else self.scheme.kind.upper()
+        return f"weights behind {', '.join(bad[:5])} hold inf or NaN; refusing to quantize them to {fmt}"
 

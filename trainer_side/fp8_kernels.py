@@ -74,6 +74,25 @@ def supports(x: torch.Tensor, block_size: tuple[int, int]) -> bool:
 if triton is not None:
 
     @triton.jit
+    def soft_cast_e4m3(y):
+        """float32 -> float8_e4m3fn by c10's software conversion (round to nearest even, no saturation,
+        |y| >= 480 and NaN -> 0x7f | sign), in integer ops."""
+        bits = y.to(tl.uint32, bitcast=True)
+        sign = bits & 0x80000000
+        mag = bits ^ sign
+        # normal fp8 range: rebias the exponent and round the mantissa to 3 bits, ties to even
+        mant_odd = (mag >> 20) & 1
+        normal = (mag - (120 << 23) + 0x7FFFF + mant_odd) >> 20
+        # below 2**-6: let a float32 add of 2**14 round to the fp8 subnormal grid
+        magic = tl.full(mag.shape, 141 << 23, tl.uint32)
+        shifted = mag.to(tl.float32, bitcast=True) + magic.to(tl.float32, bitcast=True)
+        sub = shifted.to(tl.uint32, bitcast=True) - (141 << 23)
+        small = mag < (121 << 23)
+        code = tl.where(mag >= (1087 << 20), 0x7F, tl.where(small, sub, normal))
+        code = code | (sign >> 24)
+        return code.to(tl.uint8).to(tl.float8e4nv, bitcast=True)
+
+    @triton.jit
     def _quantize_tile(x, SOFT_CAST: tl.constexpr, INV_FP8_MAX: tl.constexpr, AMAX_FLOOR: tl.constexpr):
         """(fp8 tile, float32 scale) of one float32 tile: the reference's bits (module docstring)."""
         abs_bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
@@ -83,23 +102,7 @@ if triton is not None:
         inv = tl.math.div_rn(1.0, sf)
         y = x * inv
 
-        if SOFT_CAST:
-            bits = y.to(tl.uint32, bitcast=True)
-            sign = bits & 0x80000000
-            mag = bits ^ sign
-            # normal fp8 range: rebias the exponent and round the mantissa to 3 bits, ties to even
-            mant_odd = (mag >> 20) & 1
-            normal = (mag - (120 << 23) + 0x7FFFF + mant_odd) >> 20
-            # below 2**-6: let a float32 add of 2**14 round to the fp8 subnormal grid
-            magic = tl.full(mag.shape, 141 << 23, tl.uint32)
-            shifted = mag.to(tl.float32, bitcast=True) + magic.to(tl.float32, bitcast=True)
-            sub = shifted.to(tl.uint32, bitcast=True) - (141 << 23)
-            small = mag < (121 << 23)
-            code = tl.where(mag >= (1087 << 20), 0x7F, tl.where(small, sub, normal))
-            code = code | (sign >> 24)
-            q = code.to(tl.uint8).to(tl.float8e4nv, bitcast=True)
-        else:
-            q = y.to(tl.float8e4nv)
+        q = soft_cast_e4m3(y) if SOFT_CAST else y.to(tl.float8e4nv)
 
         return q, sf
 

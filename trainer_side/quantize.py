@@ -211,13 +211,51 @@ def _mx_specs(rows: int, cols: int, scheme: QuantScheme) -> dict[str, tuple[torc
     return dict(zip(mx_tensor_names(scheme), dtypes_shapes, strict=True))
 
 
+def _mx_kernel_ok(weight: torch.Tensor, scheme: QuantScheme) -> bool:
+    """Whether the fused MXFP8 / NVFP4 Triton kernels of `mx_kernels` take this weight (same bits)."""
+    if not weight.is_cuda:
+        return False
+    from trainer_side import mx_kernels
+
+    return mx_kernels.supports(weight, scheme.group_size or 0)
+
+
+def _nvfp4_global(weight: torch.Tensor, global_amax: torch.Tensor | None, check_finite: bool) -> torch.Tensor:
+    """g for the NVFP4 kernel, refusing what `mx_quantize.quantize_nvfp4` refuses (one host sync)."""
+    own = mx_quantize.tensor_amax(weight)
+    amax = own if global_amax is None else global_amax.to(torch.float32).reshape(())
+    if check_finite:
+        mx_quantize._refuse_non_finite(own, weight, "NVFP4")
+        mx_quantize._refuse_non_finite(amax, weight, "NVFP4")
+        if global_amax is not None and bool(own > amax):
+            raise ValueError(f"global_amax {float(amax)} is below max |x| of this weight")
+    return mx_quantize.nvfp4_global_scale(amax)
+
+
 def _quantize_mx(
     weight: torch.Tensor, scheme: QuantScheme, global_amax: torch.Tensor | None, check_finite: bool
 ) -> dict[str, torch.Tensor]:
     names = mx_tensor_names(scheme)
+    kernel = _mx_kernel_ok(weight, scheme)
     if scheme.kind == "mxfp8":
-        return dict(zip(names, mx_quantize.quantize_mxfp8(weight, check_finite=check_finite), strict=True))
-    packed, scale, g = mx_quantize.quantize_nvfp4(weight, global_amax, check_finite=check_finite)
+        if not kernel:
+            return dict(
+                zip(names, mx_quantize.quantize_mxfp8(weight, check_finite=check_finite), strict=True)
+            )
+        from trainer_side import mx_kernels
+
+        flag = torch.zeros(1, dtype=torch.int32, device=weight.device) if check_finite else None
+        q, s = mx_kernels.mxfp8_quant(weight, flag=flag)
+        if flag is not None and int(flag):
+            mx_quantize._refuse_non_finite(torch.tensor(float("nan")), weight, "MXFP8")
+        return dict(zip(names, (q, s), strict=True))
+    if kernel:
+        from trainer_side import mx_kernels
+
+        g = _nvfp4_global(weight, global_amax, check_finite)
+        packed, scale = mx_kernels.nvfp4_quant(weight, g)
+    else:
+        packed, scale, g = mx_quantize.quantize_nvfp4(weight, global_amax, check_finite=check_finite)
     stored = g.reshape(1) if scheme.source == "compressed-tensors" else (1.0 / g).to(SCALE_DTYPE)
     return dict(zip(names, (packed, scale, stored), strict=True))
 
@@ -308,6 +346,13 @@ def quantize_into(
     """
     if scheme.quantized and scheme.kind == "nvfp4":
         raise ValueError("quantize_into does not take nvfp4 (its global scale spans a fused group)")
+    if scheme.quantized and scheme.kind == "mxfp8" and _mx_kernel_ok(weight, scheme):
+        q, s = out["weight"], out["weight_scale"]
+        if all(t.device == weight.device and t.is_contiguous() for t in (q, s)):
+            from trainer_side import mx_kernels
+
+            mx_kernels.mxfp8_quant_into(weight, q, s, flag=flag)
+            return
     kernel_out = _kernel_outputs(weight, scheme, out)
     if kernel_out is not None:
         from trainer_side import fp8_kernels
@@ -318,8 +363,10 @@ def quantize_into(
     made = quantize_weight(weight, scheme, check_finite=False)
     for suffix, t in made.items():
         out[suffix].copy_(t)
-        if flag is not None and t.dtype == SCALE_DTYPE and suffix != "weight":
-            flag.bitwise_or_((~torch.isfinite(t)).any().to(flag.device, flag.dtype))
+    if flag is not None and scheme.quantized:
+        # the scales show a non-finite weight, except MXFP8's E8M0 bytes: it is checked on the input
+        poisoned = weight if scheme.kind == "mxfp8" else next(t for k, t in made.items() if k != "weight")
+        flag.bitwise_or_((~torch.isfinite(poisoned)).any().to(flag.device, flag.dtype))
 
 
 def quantize_many_into(
