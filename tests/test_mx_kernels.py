@@ -137,9 +137,8 @@ def _cuda_cases() -> list[tuple[str, torch.Tensor]]:
     for shape in [(1, 32), (7, 64), (129, 96), (3, 4096), (256, 160), (4097, 1024), (1000, 3072)]:
         for dtype in (*DTYPES, torch.float16):
             for label, x in _inputs(shape, dtype, seed=shape[0] * 13 + shape[1]):
-                if dtype == torch.float16 and label == "near_max":
-                    continue  # bf16/fp32 magnitudes overflow fp16
-                out.append((f"{label} {shape} {dtype}", x))
+                if torch.isfinite(x).all():  # fp16 overflows on the wide inputs: those are refused
+                    out.append((f"{label} {shape} {dtype}", x))
     every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
     out.append(("every finite bf16 bit pattern", torch.where(torch.isfinite(every), every, 0).view(2048, 32)))
     out.append(("group maxima just below powers of two", near_powers_of_two(256)))
