@@ -148,18 +148,23 @@ def _cuda_cases() -> list[tuple[str, torch.Tensor]]:
 @needs_cuda
 def test_mxfp8_kernel_matches_torch_and_vllm_on_cuda() -> None:
     try:
-        from vllm.model_executor.layers.quantization.utils.mxfp8_utils import _mxfp8_e4m3_quantize_torch
+        from vllm.model_executor.layers.quantization.utils.mxfp8_utils import (
+            _mxfp8_e4m3_quantize_torch,
+            mxfp8_e4m3_quantize,
+        )
     except ImportError:
-        _mxfp8_e4m3_quantize_torch = None
+        _mxfp8_e4m3_quantize_torch = mxfp8_e4m3_quantize = None
     for label, x_cpu in _cuda_cases():
         x = x_cpu.cuda()
         for soft in (False, True):
             q, s = mx_kernels.mxfp8_quant(x, soft_cast=soft)
             rq, rs = quantize_mxfp8(x)
             assert torch.equal(_bits(q), _bits(rq)) and torch.equal(s, rs), f"{label} soft={soft}"
-        if _mxfp8_e4m3_quantize_torch is not None:
+        if _mxfp8_e4m3_quantize_torch is not None and mxfp8_e4m3_quantize is not None:
             vq, vs = _mxfp8_e4m3_quantize_torch(x)
             assert torch.equal(_bits(q), _bits(vq)) and torch.equal(s, vs), f"{label}: vs vLLM"
+            oq, os_ = mxfp8_e4m3_quantize(x)  # the op vLLM's online MXFP8 method calls (torch on Hopper)
+            assert torch.equal(_bits(q), _bits(oq)) and torch.equal(s, os_), f"{label}: vs vLLM's op"
         t = x.t().contiguous().t()  # strided rows
         assert torch.equal(_bits(mx_kernels.mxfp8_quant(t)[0]), _bits(rq)), label
 
@@ -183,7 +188,9 @@ def test_nvfp4_kernel_matches_torch_and_vllm_on_cuda() -> None:
         if ref_nvfp4_quant is not None:
             values, scale = ref_nvfp4_quant(x, g.reshape(1), 16)
             assert torch.equal(_bits(s.float()), _bits(scale)), f"{label}: scales vs vLLM"
-            assert torch.equal(_bits(break_fp4_bytes(p, torch.float32)), _bits(values)), f"{label}: vs vLLM"
+            # break_fp4_bytes indexes a CPU lookup table: unpack on the CPU
+            unpacked = break_fp4_bytes(p.cpu(), torch.float32)
+            assert torch.equal(_bits(unpacked), _bits(values.cpu())), f"{label}: vs vLLM"
 
 
 @needs_cuda

@@ -59,9 +59,11 @@ def test_mxfp8_is_bit_identical_to_vllm(shape: tuple[int, int], dtype: torch.dty
         assert q.shape == shape and s.shape == (shape[0], shape[1] // 32), label
         assert torch.equal(_bits(q), _bits(q_ref)), f"{label}: {int((_bits(q) != _bits(q_ref)).sum())} differ"
         assert torch.equal(s, s_ref), label
-        # the registered op vLLM's online MXFP8 method calls takes the same path on this platform
-        q_op, s_op = mxfp8_e4m3_quantize(x)
-        assert torch.equal(_bits(q), _bits(q_op)) and torch.equal(s, s_op), label
+        # the registered op vLLM's online MXFP8 method calls takes the same path on this platform (the
+        # CUDA build of vLLM registers it for CUDA only: there the GPU tests compare on the GPU)
+        if torch._C._dispatch_has_kernel_for_dispatch_key("vllm::mxfp8_quantize", "CPU"):
+            q_op, s_op = mxfp8_e4m3_quantize(x)
+            assert torch.equal(_bits(q), _bits(q_op)) and torch.equal(s, s_op), label
 
 
 def test_mxfp8_dequantizes_through_vllm() -> None:
