@@ -62,7 +62,7 @@ def _check(argv: list[str]) -> int:
 COMMANDS = {
     "serve": (_serve, "start vLLM's OpenAI server with layercast's routes (all `vllm serve` args accepted)"),
     "demo": (_demo, "the main job: a tiny model served by vLLM, RL-like steps, sync + verify each step"),
-    "bench": (_bench, "run a benchmark from bench/ (broadcast, quant, fp8-e2e); args pass through"),
+    "bench": (_bench, "run a benchmark from bench/ (`layercast bench` lists them); args pass through"),
     "check": (_check, "dry run against live servers: scheme, load path, manifest differences, memory"),
 }
 

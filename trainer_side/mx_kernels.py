@@ -8,10 +8,12 @@ the reference's float32 operations one for one, with no FMA contraction (`enable
 - group amax: a max of sign-cleared bit patterns (integer order is float order for non-negative floats,
   and NaN sorts above inf, as torch's max propagates it), then the reference's clamps;
 - MXFP8: `floor(log2(amax))` with a selectable log2 (`LOG2_*`: Triton's `tl.log2`, libdevice's
-  `log2f`, or the exponent field). Which one equals torch's CUDA `log2` is not a matter of reading: it is
-  decided by `bench/mx_quant_bench.py`, which compares each against torch on the GPU for every positive
-  float32 (they can differ only just below a power of two, where a correctly rounded log2 rounds up to
-  the integer); `exp2(e - 127)` is built from its bits (exact); `x / 2**e` is an IEEE division (`div_rn`);
+  `log2f`, or the exponent field). Which one equals torch's CUDA `log2` was measured, not read:
+  `bench/mx_quant_bench.py` runs every positive float32 as a group max through the kernel against
+  torch on the GPU. On an H200 `tl.log2` and libdevice both matched all 2**31; the exponent field
+  differed on 7360 values just below powers of two, where log2 rounds up to the integer (so vLLM's
+  rule is not "the exponent of amax"). `exp2(e - 127)` is built from its bits (exact); `x / 2**e` is an
+  IEEE division (`div_rn`);
 - NVFP4: `g * (bmax * float32(1/6))`, clamp, cast to e4m3 and back, the reference's
   `1 / (x + (x == 0) * 1e8)` twice as IEEE divisions, one multiply, clamp to +-6, E2M1 codes by the
   thresholds of `cast_to_fp4`, two codes per byte (even element in the low nibble);
@@ -37,11 +39,15 @@ LOG2_TRITON = 0  # tl.log2
 LOG2_LIBDEVICE = 1  # libdevice log2f (the CUDA math library's)
 LOG2_EXPONENT = 2  # the exponent field: the exact floor(log2) of a normal float
 LOG2_NAMES = {LOG2_TRITON: "tl.log2", LOG2_LIBDEVICE: "libdevice.log2", LOG2_EXPONENT: "exponent field"}
-# Chosen by bench/mx_quant_bench.py on an H200: the one that equals torch's CUDA floor(log2) everywhere.
+# Equal to torch's CUDA floor(log2) for every positive float32 on an H200 (bench/mx_quant_bench.py); it
+# also runs under Triton's interpreter (numpy's log2), which libdevice does not.
 DEFAULT_LOG2 = LOG2_TRITON
 _INV_E2M1_MAX = float(np.float32(1.0 / 6.0))  # the reference's `* (1 / 6.0)` on a float32 tensor
 _INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-_BLOCK_M, _BLOCK_K, _NUM_WARPS = 16, 256, 4
+# Tiles (rows, columns per program): the fastest on an H200 (bench/results/*-nvidia-h200-mx-quant.txt)
+MXFP8_BLOCK = (8, 512)
+NVFP4_BLOCK = (16, 256)
+_NUM_WARPS = 4
 
 
 def supports(x: torch.Tensor, group: int) -> bool:
@@ -198,7 +204,7 @@ def mxfp8_quant_into(
     flag: torch.Tensor | None = None,
     log2: int = DEFAULT_LOG2,
     soft_cast: bool = False,
-    block: tuple[int, int] = (_BLOCK_M, _BLOCK_K),
+    block: tuple[int, int] = MXFP8_BLOCK,
     num_warps: int = _NUM_WARPS,
 ) -> None:
     """`quantize_mxfp8(x)` written into contiguous `q` (float8_e4m3fn, `x.shape`) and `scale` (uint8,
@@ -234,7 +240,7 @@ def nvfp4_quant_into(
     *,
     flag: torch.Tensor | None = None,
     soft_cast: bool = False,
-    block: tuple[int, int] = (_BLOCK_M, _BLOCK_K),
+    block: tuple[int, int] = NVFP4_BLOCK,
     num_warps: int = _NUM_WARPS,
 ) -> None:
     """The packed E2M1 bytes and e4m3 block scales of `quantize_nvfp4(x)` for global scale `g` (float32,
