@@ -11,7 +11,8 @@ at memory speed) and the Triton quantization of every weight into one preallocat
 floor). Before timing, every bucket the writer fills is compared
 byte for byte with the generic stream's on this GPU.
 
-Run (one GPU): `python3 bench/producer_bench.py --sizes 0.6b,8b,32b --out-dir $OUT`.
+Run (one GPU): `python3 bench/producer_bench.py --sizes 0.6b,8b,32b --out-dir $OUT`; `--scheme mxfp8` or
+`nvfp4` (compressed-tensors, lm_head kept bf16) runs the same comparison for those formats.
 """
 
 from __future__ import annotations
@@ -34,14 +35,24 @@ from bench.common import FP8_BLOCK, build_model, median, reseed_
 from broadcaster.framing import make_header, pieces_by_bucket
 from broadcaster.group import Group
 from broadcaster.sender import Sender, TensorPacker
+from configs.quant import QuantScheme
 from configs.wire import SyncHeader
 from trainer_side.bucket_writer import BucketWriter
 from trainer_side.detect import detect_quant_scheme
 from trainer_side.kernel_layout import fuse_specs, fuse_tensors
-from trainer_side.quantize import GROUP_MAX_NUMEL, quantize_into
+from trainer_side.quantize import GROUP_MAX_NUMEL, quantize_into, quantized_specs
 from trainer_side.walker import iter_layer_chunks, plan_stream
 
-SCHEME = detect_quant_scheme({"quantization_config": FP8_BLOCK})
+SCHEMES = {
+    "fp8_block": detect_quant_scheme({"quantization_config": FP8_BLOCK}),
+    "mxfp8": QuantScheme(
+        kind="mxfp8", group_size=32, source="compressed-tensors", scale_shape="2d", ignore=("lm_head",)
+    ),
+    "nvfp4": QuantScheme(
+        kind="nvfp4", group_size=16, source="compressed-tensors", scale_shape="2d", ignore=("lm_head",)
+    ),
+}
+SCHEME = SCHEMES["fp8_block"]  # --scheme replaces it
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: a smoke run of the script
 
 
@@ -97,20 +108,21 @@ def check_equal(model: torch.nn.Module, header: SyncHeader, writer: BucketWriter
 
 
 def quantize_floor(model: torch.nn.Module) -> Callable[[], None]:
-    """Every quantized weight through the Triton kernel into one reused buffer: no packing, no Python
-    around it beyond one call per weight."""
-    weights = [m.weight for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+    """Every quantized weight through the fused kernel into outputs allocated once: no packing, no
+    Python around it beyond one call per weight (NVFP4: each weight's own global scale)."""
+    weights = [m.weight.detach() for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
                and "lm_head" not in name]  # fmt: skip
-    biggest = max(w.numel() for w in weights)
-    q = torch.empty(biggest, dtype=torch.float8_e4m3fn, device=DEV)
-    s = torch.empty(biggest // (128 * 128) + 4096, dtype=torch.float32, device=DEV)
+    outs = [
+        {
+            k: torch.empty(sh, dtype=dt, device=DEV)
+            for k, (dt, sh) in quantized_specs(w.shape, w.dtype, SCHEME).items()
+        }
+        for w in weights
+    ]
 
     def run() -> None:
-        for w in weights:
-            r, c = w.shape
-            nr, nc = -(-r // 128), -(-c // 128)
-            outs = {"weight": q[: r * c].view(r, c), "weight_scale_inv": s[: nr * nc].view(nr, nc)}
-            quantize_into(w.detach(), SCHEME, outs)
+        for w, out in zip(weights, outs, strict=True):
+            quantize_into(w, SCHEME, out)
 
     return run
 
@@ -192,6 +204,7 @@ def bench_size(shape: str, args: argparse.Namespace, g: Group, say: Callable[[st
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="0.6b,8b,32b")
+    ap.add_argument("--scheme", default="fp8_block", choices=sorted(SCHEMES))
     ap.add_argument("--layouts", default="kernel,checkpoint")
     ap.add_argument("--bucket-mib", default="256,1024")
     ap.add_argument("--syncs", type=int, default=5)
@@ -199,8 +212,11 @@ def main() -> None:
     ap.add_argument("--out-dir", default="bench/results")
     ap.add_argument("--date", default=datetime.date.today().isoformat())
     args = ap.parse_args()
+    global SCHEME
+    SCHEME = SCHEMES[args.scheme]
     dev = torch.cuda.get_device_name(0) if DEV.type == "cuda" else "cpu"
     tag = f"{args.date}-{dev.replace('NVIDIA ', '').replace(' ', '-').lower()}-producer"
+    tag += "" if args.scheme == "fp8_block" else f"-{args.scheme}"
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     lines: list[str] = []
@@ -211,7 +227,7 @@ def main() -> None:
 
     say(f"producer_bench: {dev}; python3 bench/producer_bench.py {' '.join(sys.argv[1:])}; {args.date}")
     result: dict[str, Any] = {"device": dev, "date": args.date, "command": " ".join(sys.argv),
-                              "torch": torch.__version__, "sizes": {}}  # fmt: skip
+                              "torch": torch.__version__, "scheme": args.scheme, "sizes": {}}  # fmt: skip
     backend = "nccl" if DEV.type == "cuda" else "gloo"
     with Group("127.0.0.1", free_port(), 1, 0, backend=backend, timeout_s=120) as g:
         for shape in args.sizes.split(","):

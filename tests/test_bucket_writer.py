@@ -28,6 +28,20 @@ from trainer_side.walker import iter_layer_chunks, plan_stream
 FP8_CHANNEL = QuantScheme(kind="fp8_channel", source="compressed-tensors", scale_shape="column")
 FP8_TENSOR = QuantScheme(kind="fp8_tensor", source="fp8", scale_shape="scalar")
 MXFP8 = QuantScheme(kind="mxfp8", group_size=32, source="modelopt")
+MO_NVFP4 = QuantScheme(kind="nvfp4", group_size=16, source="modelopt")
+
+
+def spread_amaxes(model: nn.Module) -> None:
+    """Give the members of each NVFP4 global-scale group different max |x| (the toys clamp all to one):
+    k_proj x3, the up halves x2, so a writer using a member's own amax would make different bytes."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "k_proj" in name:
+                p.mul_(3)
+            elif "up_proj" in name and "gate" not in name:
+                p.mul_(2)
+            elif name.endswith("gate_up_proj") and p.dim() == 3:
+                p[:, p.shape[1] // 2 :] *= 2
 
 
 def header_for(
@@ -68,6 +82,9 @@ CASES = [
     ("qwen3_moe", FP8_CHANNEL, "checkpoint", torch.bfloat16),
     ("llama", FP8_TENSOR, "checkpoint", None),
     ("qwen3_moe", MXFP8, "checkpoint", None),
+    ("qwen3_moe", NVFP4, "checkpoint", None),
+    ("qwen3", NVFP4, "kernel", torch.bfloat16),
+    ("llama", MO_NVFP4, "checkpoint", None),
 ]
 
 
@@ -78,6 +95,8 @@ def test_buckets_equal_the_generic_stream(
 ) -> None:
     # A float32 trainer model sent as bf16 (`dtype`) exercises the cast before quantization and copy.
     model = tiny(arch, tied=arch == "qwen3", dtype=torch.float32 if dtype else torch.bfloat16)
+    if scheme.kind == "nvfp4":
+        spread_amaxes(model)
     header = header_for(model, scheme, layout, bucket, dtype)
     if bucket == 2048:
         assert any(len(e.pieces) > 1 for e in header.entries)  # tensors split over buckets
@@ -99,8 +118,6 @@ def test_buckets_equal_the_generic_stream(
 
 def test_refuses_what_it_cannot_write() -> None:
     model = tiny("qwen3")
-    header = header_for(model, NVFP4, "checkpoint", 1 << 20)
-    assert "nvfp4" in str(BucketWriter.build(model, NVFP4, header))
     other = header_for(tiny("llama"), NONE, "checkpoint", 1 << 20)
     reason = BucketWriter.build(model, NONE, other)
     assert isinstance(reason, str) and "manifest has no tensor" in reason
@@ -160,15 +177,20 @@ def test_a_gloo_sync_of_the_writer_arrives_as_the_generic_stream() -> None:
 
 @pytest.mark.gpu
 @needs_gpu
+@pytest.mark.parametrize("scheme", [FP8_BLOCK, MXFP8, NVFP4], ids=["fp8_block", "mxfp8", "nvfp4"])
 @pytest.mark.parametrize("layout", ["kernel", "checkpoint"])
 @pytest.mark.parametrize("arch", ["qwen3", "qwen3_moe"])
-def test_triton_in_place_buckets_equal_the_generic_stream_on_cuda(arch: str, layout: str) -> None:
-    # On CUDA the writer's FP8 block weights go through the Triton kernel straight into the buckets.
+def test_triton_in_place_buckets_equal_the_generic_stream_on_cuda(
+    arch: str, layout: str, scheme: QuantScheme
+) -> None:
+    # On CUDA the writer's FP8 block / MXFP8 / NVFP4 weights go through the Triton kernels straight into
+    # the buckets (the generic stream runs the same kernels into tensors of their own).
     model = tiny(arch).cuda()
-    header = header_for(model, FP8_BLOCK, layout, 4096)
-    writer = BucketWriter.build(model, FP8_BLOCK, header)
+    spread_amaxes(model)
+    header = header_for(model, scheme, layout, 4096)
+    writer = BucketWriter.build(model, scheme, header)
     assert isinstance(writer, BucketWriter)
-    packer = TensorPacker(generic_stream(model, FP8_BLOCK, layout, None), header, pieces_by_bucket(header))
+    packer = TensorPacker(generic_stream(model, scheme, layout, None), header, pieces_by_bucket(header))
     for k, size in enumerate(header.bucket_sizes):
         a = torch.zeros(size, dtype=torch.uint8, device="cuda")
         b = torch.zeros(size, dtype=torch.uint8, device="cuda")

@@ -14,8 +14,10 @@ A tensor whose bytes lie in one bucket piece is written in place; one spread ove
 tensors larger than a bucket, e.g. embeddings) is made once, or viewed when it needs no cast, and its
 bytes copied piece by piece, so memory stays at the sender's buckets plus at most that one tensor.
 
-Not for FSDP2 (DTensor) parameters, whose gathers the walker runs, nor NVFP4, whose global scale spans
-a fused group: `BucketWriter.build` then returns the reason and the caller uses the generic stream.
+NVFP4's global scale spans a fused group (q/k/v, gate/up, an expert's gate/up, as vLLM keeps one per
+fused module): each fill takes the group's max |x| from its members' parameters (on the device, once
+per group per sync), as the walker does. Not for FSDP2 (DTensor) parameters, whose gathers the walker
+runs: `BucketWriter.build` then returns the reason and the caller uses the generic stream.
 Inf/NaN weights set a device flag (no host sync); `finish()` reads it once, after the last bucket.
 """
 
@@ -33,9 +35,10 @@ from broadcaster.framing import dtype_from_name
 from configs.quant import QuantScheme
 from configs.wire import SyncHeader
 from trainer_side.kernel_layout import plan_targets
-from trainer_side.layers import Source, output_tensor, plan_chunks, specs_by_output
+from trainer_side.layers import Source, fused_group, output_tensor, plan_chunks, specs_by_output
+from trainer_side.mx_quantize import tensor_amax
 from trainer_side.names import NameMap
-from trainer_side.quantize import GROUP_MAX_NUMEL, quantize_many_into
+from trainer_side.quantize import GROUP_MAX_NUMEL, quantize_into, quantize_many_into
 
 Shape = tuple[int, ...]
 
@@ -148,6 +151,16 @@ class BucketWriter:
         self._writes = writes
         self._pending: dict[int, dict[int, Tensor]] = {}
         self._flag: Tensor | None = None
+        # NVFP4: each quantized write's global-scale group, the group's members, and this sync's amaxes
+        self._group_of: dict[int, str] = {}
+        self._members: dict[str, list[_Write]] = {}
+        if scheme.quantized and scheme.kind == "nvfp4":
+            for w in writes:
+                if w.quantize:
+                    key = fused_group(w.source.outputs[w.index].module)
+                    self._group_of[id(w)] = key
+                    self._members.setdefault(key, []).append(w)
+        self._amaxes: dict[str, Tensor] = {}
 
     @classmethod
     def build(
@@ -162,8 +175,6 @@ class BucketWriter:
     ) -> BucketWriter | str:
         """The writer for `header` (planned by the walker from the same model, scheme, name map and
         dtype; kernel layout: fused, `rename` = fused name -> the worker's), or why it cannot be used."""
-        if scheme.quantized and scheme.kind == "nvfp4":
-            return "nvfp4 global scales are computed per fused group by the walker"
         sources = [s for chunk in plan_chunks(model, scheme, name_map) for s in chunk.sources]
         if any(isinstance(s.param, DTensor) for s in sources):
             return "FSDP2 (DTensor) parameters are gathered by the walker"
@@ -233,22 +244,39 @@ class BucketWriter:
         """Write bucket `k`'s bytes into `buf` (the bucket's buffer, `bucket_sizes[k]` bytes)."""
         if k == 0:
             self._pending.clear()
+            self._amaxes.clear()
             self._flag = torch.zeros(1, dtype=torch.int32, device=buf.device)
-        quantized = [item for w in self._starts[k] if (item := self._write(w, buf)) is not None]
-        quantize_many_into(quantized, self.scheme, flag=self._flag, group_max_numel=self.group_max_numel)
+        if self._group_of:
+            for w in self._starts[k]:
+                if (item := self._write(w, buf)) is not None:
+                    x, outs = item
+                    quantize_into(x, self.scheme, outs, flag=self._flag, global_amax=self._group_amax(w))
+        else:
+            quantized = [item for w in self._starts[k] if (item := self._write(w, buf)) is not None]
+            quantize_many_into(quantized, self.scheme, flag=self._flag, group_max_numel=self.group_max_numel)
         for w, j, seg in self._copies[k]:
             data = self._pending[id(w)][j][seg.offset : seg.offset + seg.nbytes]
             buf[seg.bucket_offset : seg.bucket_offset + seg.nbytes].copy_(data)
         for w in self._ends[k]:
             del self._pending[id(w)]
 
+    def _group_amax(self, w: _Write) -> Tensor:
+        """max |x| over `w`'s NVFP4 global-scale group (float32 scalar on the device; no host sync)."""
+        key = self._group_of[id(w)]
+        if key not in self._amaxes:
+            amaxes = [tensor_amax(self._input(m)) for m in self._members[key]]
+            self._amaxes[key] = torch.stack(amaxes).amax() if len(amaxes) > 1 else amaxes[0]
+        return self._amaxes[key]
+
     def close(self) -> None:
         """The sync ended early (a failure or a refusal): drop the tensors held for later buckets."""
         self._pending.clear()
+        self._amaxes.clear()
 
     def finish(self) -> str | None:
         """After the last fill: why the stream is bad (inf/NaN weights), or None. One host sync."""
         self._pending.clear()
+        self._amaxes.clear()
         if self._flag is None or not int(self._flag.item()):
             return None
         bad = [
@@ -258,4 +286,3 @@ class BucketWriter:
         ]
         fmt = "FP8" if self.scheme.kind.startswith("fp8") else self.scheme.kind.upper()
         return f"weights behind {', '.join(bad[:5])} hold inf or NaN; refusing to quantize them to {fmt}"
-

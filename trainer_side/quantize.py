@@ -329,23 +329,57 @@ def _kernel_outputs(
     return None
 
 
+def _nvfp4_into(
+    weight: torch.Tensor,
+    scheme: QuantScheme,
+    out: Mapping[str, torch.Tensor],
+    flag: torch.Tensor | None,
+    global_amax: torch.Tensor | None,
+) -> None:
+    packed_name, scale_name, global_name = mx_tensor_names(scheme)
+    amax = (
+        mx_quantize.tensor_amax(weight) if global_amax is None else global_amax.to(torch.float32).reshape(())
+    )
+    g = mx_quantize.nvfp4_global_scale(amax)
+    packed, scale = out[packed_name], out[scale_name]
+    if _mx_kernel_ok(weight, scheme) and all(
+        t.device == weight.device and t.is_contiguous() for t in (packed, scale)
+    ):
+        from trainer_side import mx_kernels
+
+        mx_kernels.nvfp4_quant_into(weight, g.reshape(1), packed, scale, flag=flag)
+    else:
+        made_packed, made_scale, _ = mx_quantize.quantize_nvfp4(weight, amax, check_finite=False)
+        packed.copy_(made_packed)
+        scale.copy_(made_scale)
+        if flag is not None:
+            flag.bitwise_or_((~torch.isfinite(weight)).any().to(flag.device, flag.dtype))
+    stored = g.reshape(1) if scheme.source == "compressed-tensors" else (1.0 / g).to(SCALE_DTYPE)
+    out[global_name].copy_(stored.reshape(out[global_name].shape))
+
+
 def quantize_into(
     weight: torch.Tensor,
     scheme: QuantScheme,
     out: Mapping[str, torch.Tensor],
     *,
     flag: torch.Tensor | None = None,
+    global_amax: torch.Tensor | None = None,
 ) -> None:
     """`quantize_weight(weight, scheme)` written into the preallocated tensors `out` (the keys, dtypes
     and shapes of `quantized_specs`), e.g. views of a broadcast bucket; same bits.
 
     HF-fp8 blocks on CUDA (into CUDA tensors) run the fused Triton kernel straight into `out`; every
     other quantizer computes its result, then copies it. `flag` (int32, one element) is set to a
-    nonzero value when a float32 scale is inf or NaN (a non-finite weight), without a host sync; NVFP4
-    (which needs the fused group's `global_amax`) is not handled here.
+    nonzero value when the weight holds inf or NaN, without a host sync. `global_amax`: NVFP4 only, as
+    for `quantize_weight` (the max |x| of the fused group sharing the global scale; it is not checked
+    here); MXFP8 and NVFP4 run the fused kernels of `mx_kernels` on CUDA.
     """
     if scheme.quantized and scheme.kind == "nvfp4":
-        raise ValueError("quantize_into does not take nvfp4 (its global scale spans a fused group)")
+        _nvfp4_into(weight, scheme, out, flag, global_amax)
+        return
+    if global_amax is not None:
+        raise ValueError(f"global_amax is only meaningful for nvfp4, not {scheme.kind}")
     if scheme.quantized and scheme.kind == "mxfp8" and _mx_kernel_ok(weight, scheme):
         q, s = out["weight"], out["weight_scale"]
         if all(t.device == weight.device and t.is_contiguous() for t in (q, s)):
