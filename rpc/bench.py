@@ -3,9 +3,9 @@
 Names: `broadcast` (`bench/broadcast_bench.py`: the broadcaster vs raw NCCL; without 2 GPUs it runs
 its Gloo-on-CPU smoke mode unless told otherwise), `quant` (`bench/quant_bench.py`), `fp8-e2e`
 (`bench/gpu_fp8_e2e.py`), `producer` (`bench/producer_bench.py`), `mx-quant`
-(`bench/mx_quant_bench.py`). ARGS pass through unchanged; the benchmark's output streams under a
-progress spinner. The benchmarks live in a source checkout (they
-are not part of the installed package).
+(`bench/mx_quant_bench.py`), `fsdp-gather` (`bench/fsdp_gather_bench.py`). ARGS pass through
+unchanged; the benchmark's output streams under a progress spinner. The benchmarks live in a source
+checkout (they are not part of the installed package).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "fp8-e2e": ("gpu_fp8_e2e.py", "FP8/MXFP8/NVFP4 end to end through vLLM vs a fresh engine (1+ GPUs)"),
     "producer": ("producer_bench.py", "trainer producer: walker stream vs in-place bucket writer (1 GPU)"),
     "mx-quant": ("mx_quant_bench.py", "MXFP8/NVFP4 Triton kernels vs the torch references (1 GPU)"),
+    "fsdp-gather": ("fsdp_gather_bench.py", "FSDP2 gathers per scheme vs bf16: bytes and time (2 GPUs)"),
 }
 
 
