@@ -32,7 +32,7 @@ BENCHES: dict[str, tuple[str, str]] = {
 
 def _usage() -> str:
     lines = ["usage: layercast bench NAME [ARGS...]  (ARGS go to the benchmark; NAME --help: its own)", ""]
-    lines += [f"  {name:10} {what}" for name, (_, what) in BENCHES.items()]
+    lines += [f"  {name:12} {what}" for name, (_, what) in BENCHES.items()]
     return "\n".join(lines)
 
 
