@@ -42,11 +42,15 @@ def _check(weight: torch.Tensor, group: int, fmt: str) -> None:
         )
 
 
+def non_finite_error(weight: torch.Tensor, fmt: str) -> ValueError:
+    """The error for a weight holding inf or NaN (raised by the quantizers and the fused kernels' callers)."""
+    shape = tuple(weight.shape)
+    return ValueError(f"weight of shape {shape} holds inf or NaN; refusing to quantize it to {fmt}")
+
+
 def _refuse_non_finite(amax: torch.Tensor, weight: torch.Tensor, fmt: str) -> None:
     if not bool(torch.isfinite(amax).all()):
-        raise ValueError(
-            f"weight of shape {tuple(weight.shape)} holds inf or NaN; refusing to quantize it to {fmt}"
-        )
+        raise non_finite_error(weight, fmt)
 
 
 def quantize_mxfp8(weight: torch.Tensor, *, check_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor]:

@@ -247,7 +247,7 @@ def _quantize_mx(
         flag = torch.zeros(1, dtype=torch.int32, device=weight.device) if check_finite else None
         q, s = mx_kernels.mxfp8_quant(weight, flag=flag)
         if flag is not None and int(flag):
-            mx_quantize._refuse_non_finite(torch.tensor(float("nan")), weight, "MXFP8")
+            raise mx_quantize.non_finite_error(weight, "MXFP8")
         return dict(zip(names, (q, s), strict=True))
     if kernel:
         from trainer_side import mx_kernels
