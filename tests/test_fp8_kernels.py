@@ -182,13 +182,19 @@ _INTERPRETED = textwrap.dedent(
 )
 
 
-def test_kernel_arithmetic_under_the_triton_interpreter() -> None:
-    """The kernel's op sequence (bit-pattern amax, clamp, reciprocal, software fp8 cast) on CPU."""
+def run_under_triton_interpreter(script: str, timeout_s: float) -> subprocess.CompletedProcess[str]:
+    """`script` in a fresh Python with `TRITON_INTERPRET=1` (it must be set before triton is imported)
+    and the repository on the path; skips when Triton is not installed."""
     if fp8_kernels.triton is None:
         pytest.skip("triton is not installed")
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
-    proc = subprocess.run(
-        [sys.executable, "-c", _INTERPRETED], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    return subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s
     )
+
+
+def test_kernel_arithmetic_under_the_triton_interpreter() -> None:
+    """The kernel's op sequence (bit-pattern amax, clamp, reciprocal, software fp8 cast) on CPU."""
+    proc = run_under_triton_interpreter(_INTERPRETED, 300)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout + proc.stderr

@@ -5,21 +5,17 @@ dispatch from `quantize_weight` / `quantize_into`."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
 from configs.quant import QuantScheme
+from tests.test_fp8_kernels import run_under_triton_interpreter
 from trainer_side import fp8_kernels, mx_kernels
 from trainer_side.mx_quantize import nvfp4_global_scale, quantize_mxfp8, quantize_nvfp4, tensor_amax
 from trainer_side.quantize import quantize_into, quantize_weight, quantized_specs
 
-ROOT = Path(__file__).resolve().parents[1]
 CUDA = mx_kernels.triton is not None and fp8_kernels.available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU with FP8 conversions (sm_89+) and Triton")
 MO_MXFP8 = QuantScheme(kind="mxfp8", group_size=32, source="modelopt")
@@ -109,13 +105,7 @@ _INTERPRETED = textwrap.dedent(
 
 
 def test_kernels_match_the_references_under_the_triton_interpreter() -> None:
-    if mx_kernels.triton is None:
-        pytest.skip("triton is not installed")
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
-    proc = subprocess.run(
-        [sys.executable, "-c", _INTERPRETED], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
-    )
+    proc = run_under_triton_interpreter(_INTERPRETED, 600)
     assert proc.returncode == 0 and "ok 60" in proc.stdout, proc.stdout + proc.stderr
 
 
