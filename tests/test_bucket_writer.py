@@ -146,12 +146,14 @@ def test_inf_or_nan_weights_are_named_at_finish(scheme: QuantScheme, fmt: str) -
     assert f"inf or NaN; refusing to quantize them to {fmt}" in reason
 
 
-def test_a_gloo_sync_of_the_writer_arrives_as_the_generic_stream() -> None:
+@pytest.mark.parametrize("scheme", [FP8_BLOCK, NVFP4], ids=["fp8_block", "nvfp4"])
+def test_a_gloo_sync_of_the_writer_arrives_as_the_generic_stream(scheme: QuantScheme) -> None:
     model = tiny("qwen3_moe")
-    header = header_for(model, FP8_BLOCK, "kernel", 4096)
-    writer = BucketWriter.build(model, FP8_BLOCK, header)
+    spread_amaxes(model)
+    header = header_for(model, scheme, "kernel", 4096)
+    writer = BucketWriter.build(model, scheme, header)
     assert isinstance(writer, BucketWriter)
-    expected = dict(generic_stream(model, FP8_BLOCK, "kernel", None))
+    expected = dict(generic_stream(model, scheme, "kernel", None))
     port = free_port()
     got: dict[str, torch.Tensor] = {}
     errors: list[BaseException] = []
