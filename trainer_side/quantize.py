@@ -221,15 +221,33 @@ def _mx_kernel_ok(weight: torch.Tensor, scheme: QuantScheme) -> bool:
 
 
 def _nvfp4_global(weight: torch.Tensor, global_amax: torch.Tensor | None, check_finite: bool) -> torch.Tensor:
-    """g for the NVFP4 kernel, refusing what `mx_quantize.quantize_nvfp4` refuses (one host sync)."""
-    own = mx_quantize.tensor_amax(weight)
+    """g for the NVFP4 kernel; with `check_finite`, refusing what `mx_quantize.quantize_nvfp4` refuses (one
+    host sync). The weight's own amax is only read when needed: no global one given, or checking."""
+    own = mx_quantize.tensor_amax(weight) if global_amax is None or check_finite else None
     amax = own if global_amax is None else global_amax.to(torch.float32).reshape(())
+    assert amax is not None
     if check_finite:
+        assert own is not None
         mx_quantize._refuse_non_finite(own, weight, "NVFP4")
         mx_quantize._refuse_non_finite(amax, weight, "NVFP4")
         if global_amax is not None and bool(own > amax):
             raise ValueError(f"global_amax {float(amax)} is below max |x| of this weight")
     return mx_quantize.nvfp4_global_scale(amax)
+
+
+def _stored_global(g: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """What the checkpoint stores for NVFP4 global scale g: compressed-tensors g as (1,), ModelOpt 1/g."""
+    return g.reshape(1) if scheme.source == "compressed-tensors" else (1.0 / g).to(SCALE_DTYPE)
+
+
+def _in_place_ok(weight: torch.Tensor, *outs: torch.Tensor) -> bool:
+    """Whether a kernel reading `weight` can write `outs` directly: contiguous, on the weight's device."""
+    return all(t.device == weight.device and t.is_contiguous() for t in outs)
+
+
+def _flag_non_finite(flag: torch.Tensor, t: torch.Tensor) -> None:
+    """Set `flag` when `t` holds inf or NaN (no host sync)."""
+    flag.bitwise_or_((~torch.isfinite(t)).any().to(flag.device, flag.dtype))
 
 
 def _quantize_mx(
@@ -256,8 +274,7 @@ def _quantize_mx(
         packed, scale = mx_kernels.nvfp4_quant(weight, g)
     else:
         packed, scale, g = mx_quantize.quantize_nvfp4(weight, global_amax, check_finite=check_finite)
-    stored = g.reshape(1) if scheme.source == "compressed-tensors" else (1.0 / g).to(SCALE_DTYPE)
-    return dict(zip(names, (packed, scale, stored), strict=True))
+    return dict(zip(names, (packed, scale, _stored_global(g, scheme)), strict=True))
 
 
 def quantized_specs(
@@ -324,9 +341,7 @@ def _kernel_outputs(
     if _fused_block(weight, scheme) is None or set(out) != {"weight", scheme.weight_scale_name}:
         return None
     q, sf = out["weight"], out[scheme.weight_scale_name]
-    if all(t.device == weight.device and t.is_contiguous() for t in (q, sf)):
-        return q, sf
-    return None
+    return (q, sf) if _in_place_ok(weight, q, sf) else None
 
 
 def _nvfp4_into(
@@ -337,25 +352,19 @@ def _nvfp4_into(
     global_amax: torch.Tensor | None,
 ) -> None:
     packed_name, scale_name, global_name = mx_tensor_names(scheme)
-    amax = (
-        mx_quantize.tensor_amax(weight) if global_amax is None else global_amax.to(torch.float32).reshape(())
-    )
-    g = mx_quantize.nvfp4_global_scale(amax)
+    g = _nvfp4_global(weight, global_amax, check_finite=False)
     packed, scale = out[packed_name], out[scale_name]
-    if _mx_kernel_ok(weight, scheme) and all(
-        t.device == weight.device and t.is_contiguous() for t in (packed, scale)
-    ):
+    if _mx_kernel_ok(weight, scheme) and _in_place_ok(weight, packed, scale):
         from trainer_side import mx_kernels
 
         mx_kernels.nvfp4_quant_into(weight, g.reshape(1), packed, scale, flag=flag)
     else:
-        made_packed, made_scale, _ = mx_quantize.quantize_nvfp4(weight, amax, check_finite=False)
+        made_packed, made_scale, _ = mx_quantize.quantize_nvfp4(weight, global_amax, check_finite=False)
         packed.copy_(made_packed)
         scale.copy_(made_scale)
         if flag is not None:
-            flag.bitwise_or_((~torch.isfinite(weight)).any().to(flag.device, flag.dtype))
-    stored = g.reshape(1) if scheme.source == "compressed-tensors" else (1.0 / g).to(SCALE_DTYPE)
-    out[global_name].copy_(stored.reshape(out[global_name].shape))
+            _flag_non_finite(flag, weight)
+    out[global_name].copy_(_stored_global(g, scheme).reshape(out[global_name].shape))
 
 
 def quantize_into(
@@ -382,7 +391,7 @@ def quantize_into(
         raise ValueError(f"global_amax is only meaningful for nvfp4, not {scheme.kind}")
     if scheme.quantized and scheme.kind == "mxfp8" and _mx_kernel_ok(weight, scheme):
         q, s = out["weight"], out["weight_scale"]
-        if all(t.device == weight.device and t.is_contiguous() for t in (q, s)):
+        if _in_place_ok(weight, q, s):
             from trainer_side import mx_kernels
 
             mx_kernels.mxfp8_quant_into(weight, q, s, flag=flag)
@@ -400,7 +409,7 @@ def quantize_into(
     if flag is not None and scheme.quantized:
         # the scales show a non-finite weight, except MXFP8's E8M0 bytes: it is checked on the input
         poisoned = weight if scheme.kind == "mxfp8" else next(t for k, t in made.items() if k != "weight")
-        flag.bitwise_or_((~torch.isfinite(poisoned)).any().to(flag.device, flag.dtype))
+        _flag_non_finite(flag, poisoned)
 
 
 def quantize_many_into(
