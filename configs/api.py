@@ -21,7 +21,11 @@ _SYNC_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Request bodies: unknown fields are errors, and so are coerced types (`true` or `"7"` for an
+    int, `"2"` for a float); an int is still a float. A nested `QuantScheme` keeps its own (lax) config:
+    its tuples arrive as JSON lists."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class InitBroadcasterRequest(_Strict):
@@ -70,6 +74,11 @@ class UpdateWeightsRequest(_Strict):
     sync_id: str = Field(pattern=_SYNC_ID_PATTERN)
     weights_version: int = Field(ge=0)
     timeout_s: float | None = Field(default=None, gt=0, le=86400)
+    force: bool = Field(
+        default=False,
+        description="apply even when this sync id already landed here or weights_version is older than "
+        "the served one (both refused with 409 otherwise)",
+    )
 
 
 class SyncTimings(BaseModel):

@@ -9,11 +9,12 @@ as its loaders would report them.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from configs.api import LoadPath, LoadPathRequest, RuntimeTensor, ServerState
 
-ManifestEntry = tuple[str, str, tuple[int, ...]]
+# Strict items (no `"7"` or `true` for a dimension); the tuples themselves arrive as JSON lists.
+ManifestEntry = tuple[StrictStr, StrictStr, tuple[StrictInt, ...]]
 
 
 class CheckRequest(BaseModel):

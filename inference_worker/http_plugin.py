@@ -2,7 +2,8 @@
 
 Registered under the `vllm.endpoint_plugins` entry-point group (see pyproject.toml) and enabled by
 `layercast serve` through `VLLM_PLUGINS`; users keep every vLLM route and flag. Also installs the
-middlewares of `rpc.middleware` (the admin body limit, 413; the generation gate: 503 while the model
+middlewares of `rpc.middleware` (the admin guard: bearer auth before any body byte is read, then
+the body limit, 413; the generation gate: 503 while the model
 is torn, no generation while a sync is applied, responses tagged with their weights version), records
 every sync in layercast's Prometheus metrics (served by vLLM's `/metrics`) and makes the `layercast`
 logger print its per-sync lines next to vLLM's own (unless logging was configured otherwise).
@@ -22,7 +23,7 @@ from inference_worker.dry_run import VllmDryRun
 from inference_worker.engine_backend import VllmSyncBackend
 from inference_worker.metrics import default_metrics
 from rpc.errors import NotReady
-from rpc.middleware import AdminBodyLimit, GenerationGate
+from rpc.middleware import AdminGuard, GenerationGate
 from rpc.routes import build_router
 from rpc.weights_gate import WeightsGate
 
@@ -69,9 +70,10 @@ class LayercastEndpointPlugin:
     def attach_router(self, app: FastAPI) -> None:
         configure_logging()
         before = len(app.router.routes)
+        token = os.environ.get(TOKEN_ENV) or None
         router = build_router(
             self._backend,
-            os.environ.get(TOKEN_ENV) or None,
+            token,
             observers=[default_metrics().observe],
             get_checker=self._dry_run,
             gate=self.gate,
@@ -84,7 +86,7 @@ class LayercastEndpointPlugin:
         del app.router.routes[before:]
         app.router.routes[:0] = ours
         app.add_middleware(GenerationGate, gate=self.gate, status=self._status)
-        app.add_middleware(AdminBodyLimit)
+        app.add_middleware(AdminGuard, token=token)
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         if engine_client is not None:

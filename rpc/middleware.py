@@ -1,7 +1,11 @@
 """ASGI middlewares every layercast server installs in front of the app (engine-independent).
 
-- `AdminBodyLimit`: admin routes read at most `MAX_ADMIN_BODY_BYTES` of body (declared or streamed);
-  larger bodies get 413 before anything parses them.
+- `AdminGuard`: in front of every admin route (`ADMIN_PATHS`: those of `rpc.routes` with the bearer
+  dependency), authenticates first (`rpc.auth.check_bearer`, the same check as the route dependency):
+  a request without the server's bearer token gets its 401/403, rendered by the app's own HTTPException
+  handler so it is the very answer the dependency gives, before a single body byte is read. Then it caps
+  the body at `MAX_ADMIN_BODY_BYTES` (declared or streamed): larger bodies get 413 before anything
+  parses them.
 - `GenerationGate`: generation routes hold the `WeightsGate` shared for their whole response, answer 503
   (with the reason) while the weights are torn, and tag every response with the weights version that
   produced it in `X-Layercast-Weights-Version` (`initial` before the first sync).
@@ -13,6 +17,11 @@ import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from fastapi import HTTPException
+from fastapi.exception_handlers import http_exception_handler
+from starlette.requests import Request
+
+from rpc.auth import AuthFailure, check_bearer
 from rpc.weights_gate import WeightsGate
 
 Scope = MutableMapping[str, Any]
@@ -21,7 +30,8 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-ADMIN_PATHS: tuple[str, ...] = ("/init_broadcaster", "/update_weights")
+# Every route of `rpc.routes.build_router` with `dependencies=admin` (tests/test_admin_guard.py checks).
+ADMIN_PATHS: tuple[str, ...] = ("/init_broadcaster", "/update_weights", "/check")
 MAX_ADMIN_BODY_BYTES = 64 * 1024  # real bodies are < 4 KiB (the largest part is the quant scheme)
 VERSION_HEADER = "X-Layercast-Weights-Version"
 
@@ -54,20 +64,51 @@ async def _answer(send: Send, status: int, body: dict[str, Any], headers: list[t
     await send({"type": "http.response.body", "body": payload})
 
 
-class AdminBodyLimit:
-    def __init__(self, app: ASGIApp, max_bytes: int = MAX_ADMIN_BODY_BYTES) -> None:
+async def _no_body() -> Message:
+    return {"type": "http.disconnect"}
+
+
+async def _refuse(scope: Scope, send: Send, failure: AuthFailure) -> None:
+    """Answer `failure` as the app answers the route dependency's HTTPException (vLLM renders its own
+    error shape; plain FastAPI `{"detail": ...}`), closing the connection: the body is never read."""
+    exc = HTTPException(failure.status_code, detail=failure.detail, headers=failure.headers or None)
+    handlers = getattr(scope.get("app"), "exception_handlers", None) or {}
+    handler = next((handlers[c] for c in HTTPException.__mro__ if c in handlers), http_exception_handler)
+    request = Request(scope, _no_body)
+    try:
+        raise exc  # the handler may log the exception it is handling (vLLM's --log-error-stack)
+    except HTTPException:
+        try:
+            response = await handler(request, exc)
+        except Exception:
+            response = await http_exception_handler(request, exc)
+    response.headers["connection"] = "close"
+    await response(scope, _no_body, send)
+
+
+class AdminGuard:
+    """`token`: the server's admin token (None: the admin routes are open, the body is still capped)."""
+
+    def __init__(self, app: ASGIApp, token: str | None = None, max_bytes: int = MAX_ADMIN_BODY_BYTES) -> None:
         self.app = app
+        self.token = token
         self.max_bytes = max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] not in ADMIN_PATHS:
             await self.app(scope, receive, send)
             return
+        headers = dict(reversed(scope.get("headers") or []))  # the first of a repeated header, as Starlette
+        authorization = headers.get(b"authorization")
+        failure = check_bearer(authorization.decode("latin-1") if authorization else None, self.token)
+        if failure is not None:
+            await _refuse(scope, send, failure)
+            return
         too_big = {
             "error": "PayloadTooLarge",
             "detail": f"request body exceeds {self.max_bytes} bytes (the limit for {scope['path']})",
         }
-        declared = dict(scope.get("headers") or []).get(b"content-length")
+        declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             await _answer(send, 413, too_big, [(b"connection", b"close")])
             return

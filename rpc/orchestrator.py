@@ -287,12 +287,18 @@ class SyncOrchestrator:
 
     # ------------------------------------------------------------------ arm
 
-    async def arm(self, sync_id: str, version: int, *, pause: PauseMode | None = None) -> SyncHandle:
+    async def arm(
+        self, sync_id: str, version: int, *, pause: PauseMode | None = None, force: bool = False
+    ) -> SyncHandle:
         """Start `/update_weights` on every server that needs it and return at once (the POSTs are in
         flight). Skips servers that already applied `sync_id` at `version`, follows servers that are still
         receiving, and raises before arming anything when a server is unreachable, the retry is partial,
-        or `pause` was asked for and a server cannot pause."""
-        req = UpdateWeightsRequest(sync_id=sync_id, weights_version=version, timeout_s=self.timeout_s)
+        or `pause` was asked for and a server cannot pause. A server refuses (409) a sync id it already
+        applied or a version older than its own, unless `force` (which also arms the servers that
+        already applied it)."""
+        req = UpdateWeightsRequest(
+            sync_id=sync_id, weights_version=version, timeout_s=self.timeout_s, force=force
+        )
         clients = {u: self._client(u) for u in self.servers}
         try:
             statuses = await self._statuses(clients)
@@ -300,7 +306,7 @@ class SyncOrchestrator:
             for url, s in statuses.items():
                 action: Action = (
                     "skipped"
-                    if applied(s, sync_id, version)
+                    if applied(s, sync_id, version) and not force
                     else "joined"
                     if s.state == "syncing"
                     else "armed"
@@ -375,13 +381,15 @@ class SyncOrchestrator:
         *,
         pause: PauseMode | None = None,
         timeout_s: float | None = None,
+        force: bool = False,
     ) -> SyncStepReport:
         """Arm every server, run `trainer_push()` in this thread (e.g. `lambda: broadcaster.push(model, v,
         sync_id=sid, arm=False)`), wait, verify; returns the report or raises `SyncError`.
 
         The trainer's group must already be up (`WeightBroadcaster.init()`, again after a failed sync):
         a push that has to re-join would find the armed servers busy. When every server already applied
-        `sync_id`, nothing is armed and `trainer_push` is not called (`report.already_applied`)."""
+        `sync_id`, nothing is armed and `trainer_push` is not called (`report.already_applied`); `force`
+        applies it again, and lets `version` go back (see `arm`)."""
         report = SyncStepReport(sync_id=sync_id, weights_version=version)
         t0 = time.perf_counter()
         armed = threading.Event()
@@ -389,7 +397,7 @@ class SyncOrchestrator:
 
         async def drive() -> dict[str, ServerResult]:
             try:
-                handle = await self.arm(sync_id, version, pause=pause)
+                handle = await self.arm(sync_id, version, pause=pause, force=force)
             finally:
                 armed.set()
             box["handle"] = handle

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Protocol
@@ -32,6 +31,8 @@ from configs.api import (
     WeightsStatus,
 )
 from configs.check import CheckRequest, CheckResponse
+from rpc import sync_guard
+from rpc.auth import check_bearer
 from rpc.errors import ApiError, Conflict, SyncTimedOut
 from rpc.sync_events import Outcome, SyncEvent, SyncObserver, log_sync_event
 from rpc.weights_gate import WeightsGate
@@ -59,21 +60,13 @@ _BEARER = HTTPBearer(auto_error=False, description="the server's LAYERCAST_ADMIN
 
 
 def bearer_auth(token: str | None) -> Callable[..., None]:
-    """A dependency that demands `Authorization: Bearer <token>` when a token is configured."""
+    """A dependency that demands `Authorization: Bearer <token>` when a token is configured (the same
+    check `rpc.middleware.AdminGuard` makes before reading the body: `rpc.auth.check_bearer`)."""
 
     def check(request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]) -> None:
-        if not token:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not given:
-            raise HTTPException(
-                status_code=401,
-                detail="missing bearer token: send 'Authorization: Bearer <token>'",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-        if not secrets.compare_digest(given.strip().encode(), token.encode()):
-            raise HTTPException(status_code=403, detail="wrong bearer token")
+        failure = check_bearer(request.headers.get("authorization"), token)
+        if failure is not None:
+            raise HTTPException(failure.status_code, detail=failure.detail, headers=failure.headers or None)
 
     return check
 
@@ -162,7 +155,8 @@ def build_router(
         response_model=UpdateWeightsResponse,
         responses=_responses(
             _409="another sync or init is in progress, or a receiver refused the trainer's header "
-            "(the reason is named; nothing was loaded)",
+            "(the reason is named; nothing was loaded), or, unless `force`, this sync id already landed "
+            "here or weights_version is older than the served one",
             _502="the sync failed (the reason is named); if loading had begun, the server is torn",
             _503="not initialised: call /init_broadcaster first",
             _504="a deadline passed (what was waited for, and how long, is named)",
@@ -174,6 +168,8 @@ def build_router(
         if sync_lock.locked():
             return _error(Conflict("another sync or init is in progress on this server"))
         async with sync_lock:
+            if (refused := sync_guard.check(lambda: get_backend().status(), req)) is not None:
+                return _error(refused)  # this sync id already landed, or the version goes back
             started = time.perf_counter()
             before = _state(get_backend)
             try:

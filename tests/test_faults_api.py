@@ -207,8 +207,10 @@ def test_huge_bodies_are_413_before_parsing(server: ServerProcess) -> None:
 
     r = httpx.post(server.url + "/update_weights", content=chunked(), headers=AUTH)
     assert r.status_code == 413, r.text
-    # Unauthenticated clients cannot make the server buffer a huge body either.
-    assert httpx.post(server.url + "/update_weights", content=huge).status_code == 413
+    # Unauthenticated clients cannot make the server buffer a huge body either: 401 before it is read,
+    # on every admin route (the /check dry run included).
+    for route in ("/update_weights", "/init_broadcaster", "/check"):
+        assert httpx.post(server.url + route, content=huge).status_code == 401, route
     # Just under the limit: parsed normally (and refused for its content).
     near = b'{"sync_id": "' + b"z" * (MAX_ADMIN_BODY_BYTES - 100) + b'", "weights_version": 1}'
     r = httpx.post(

@@ -59,7 +59,8 @@ def test_path_syncs_and_serves_the_new_weights(
         assert bc.layout == ("kernel" if path == "kernel" else "checkpoint")
         for step in (1, 2):
             perturb_(trainer_model, 100 * len(path) + step)
-            report = bc.push(trainer_model, step)
+            # One server for every path: versions only move forward (an older one is refused, 409).
+            report = bc.push(trainer_model, 10 * ["kernel", "checkpoint", "layerwise"].index(path) + step)
             assert report.servers[server.url].load_path == path
             assert_serves(server.url, trainer_model)
         assert httpx.get(server.url + "/weights").json()["load_path"] == path
