@@ -8,7 +8,8 @@ validated settings; unknown keys anywhere are errors that name the key. `Trainer
 `layercast serve` needs; `OrchestratorSettings` builds a `SyncOrchestrator`; `DemoSettings` are the
 options of `layercast demo` (`[demo]`, `LAYERCAST_DEMO_*`). Secrets (tokens) belong in
 the environment, not in the file; the server token also reads `LAYERCAST_ADMIN_TOKEN` (what the server
-itself reads). `python -m configs.settings ROLE --config FILE [flags]` prints the resolved settings.
+itself reads), or a file named by `[server] token_file`.
+`python -m configs.settings ROLE --config FILE [flags]` prints the resolved settings.
 """
 
 from __future__ import annotations
@@ -88,6 +89,10 @@ class ServerSettings(RoleSettings):
         validation_alias=AliasChoices("token", "layercast_server_token", "layercast_admin_token"),
         description="bearer token of the admin routes (put it in the environment, not the file)",
     )
+    token_file: str | None = Field(
+        default=None,
+        description="file holding the admin token (kept out of `ps`); replaces LAYERCAST_ADMIN_TOKEN",
+    )
     served_model_name: str | None = Field(default=None, description="the model name clients send")
     dev_mode: bool = Field(default=False, description="VLLM_SERVER_DEV_MODE=1 (vLLM's /pause, /resume)")
     gloo_socket_ifname: str | None = Field(default=None, description="the NIC Gloo uses (multi-node)")
@@ -99,6 +104,8 @@ class ServerSettings(RoleSettings):
         argv = ["serve", self.model, "--host", self.host, "--port", str(self.port)]
         if self.served_model_name:
             argv += ["--served-model-name", self.served_model_name]
+        if self.token_file:  # a path, not the secret: `layercast serve` reads it before vLLM starts
+            argv += ["--layercast-token-file", self.token_file]
         return argv + self.vllm_args
 
     def serve_env(self) -> dict[str, str]:

@@ -10,15 +10,23 @@ import argparse
 import sys
 
 SERVE_HELP = """\
-usage: layercast serve [MODEL] [--config FILE] [--layercast-token TOKEN] [vllm serve args...]
+usage: layercast serve [MODEL] [--config FILE] [--layercast-token-file PATH] [--insecure]
+                       [vllm serve args...]
 
 vLLM's OpenAI server with layercast's worker extension and routes (/init_broadcaster, /update_weights,
 /weights, /check; layercast metrics on vLLM's /metrics). Every `vllm serve` argument is accepted.
-Binds 127.0.0.1 unless --host is given. The admin token: LAYERCAST_ADMIN_TOKEN (or --layercast-token).
+Binds 127.0.0.1 unless --host is given. The admin token: LAYERCAST_ADMIN_TOKEN, or a file.
 
   --config FILE   TOML settings: its [server] table (model, host, port, served_model_name, token,
-                  dev_mode, gloo_socket_ifname, env, vllm_args), overridden by LAYERCAST_SERVER_*
-                  variables, overridden by MODEL / --host / --port / --served-model-name / --layercast-token.
+                  token_file, dev_mode, gloo_socket_ifname, env, vllm_args), overridden by
+                  LAYERCAST_SERVER_* variables, overridden by MODEL / --host / --port /
+                  --served-model-name / --layercast-token / --layercast-token-file.
+  --layercast-token-file PATH
+                  read the admin token from PATH (replaces LAYERCAST_ADMIN_TOKEN; keep it chmod 600).
+  --layercast-token TOKEN
+                  the admin token itself; works, but every user of the machine sees it in `ps`.
+  --insecure      allow a non-loopback --host without an admin token (refused otherwise, exit 2);
+                  a loud warning is printed at every start.
 
 vLLM's own options follow.
 """
@@ -28,10 +36,16 @@ def _serve(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(SERVE_HELP)
     from configs.settings import SettingsError
+    from rpc import serve_guard
     from rpc.serve_settings import apply
 
+    typed_token = serve_guard.has_flag(argv, "--layercast-token")
     try:
         argv = apply(argv)
+        if not any(a in ("-h", "--help") for a in argv):
+            argv, warnings = serve_guard.apply(argv, token_on_command_line=typed_token)
+            for warning in warnings:
+                print(f"layercast serve: WARNING: {warning}", file=sys.stderr)
     except (SettingsError, ValueError) as exc:
         print(f"layercast serve: {exc}", file=sys.stderr)
         return 2

@@ -2,10 +2,10 @@
 into the `vllm serve` arguments and environment.
 
 Flags that are settings fields (the positional MODEL, `--host`, `--port`, `--served-model-name`,
-`--layercast-token`) override the file and the environment; every other argument passes through to
-`vllm serve` after the file's `vllm_args`, so a repeated vLLM flag on the command line wins too (argparse
-keeps the last). Without `--config` and without any `LAYERCAST_SERVER_*` variable, `layercast serve`
-passes its arguments through unchanged.
+`--layercast-token`, `--layercast-token-file`) override the file and the environment; every other
+argument passes through to `vllm serve` after the file's `vllm_args`, so a repeated vLLM flag on the
+command line wins too (argparse keeps the last). Without `--config` and without any
+`LAYERCAST_SERVER_*` variable, `layercast serve` passes its arguments through unchanged.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ SETTINGS_FLAGS: dict[str, str] = {
     "--port": "port",
     "--served-model-name": "served_model_name",
     "--layercast-token": "token",
+    "--layercast-token-file": "token_file",
 }
 
 

@@ -141,6 +141,108 @@ def test_serve_settings_file_env_flags(tmp_path: Path, monkeypatch: pytest.Monke
     assert argv[:5] == ["/file/model", "--host", "127.0.0.1", "--port", "1"]
 
 
+# --------------------------------------------------------------------------- serve: admin token, exposure
+
+
+@pytest.fixture
+def serve_spy(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[list[str], str | None]]]:
+    """`layercast serve` up to vLLM: each (argv, LAYERCAST_ADMIN_TOKEN) it would start vLLM with."""
+    calls: list[tuple[list[str], str | None]] = []
+    monkeypatch.setattr(
+        "inference_worker.serve.main",
+        lambda argv: calls.append((list(argv), os.environ.get("LAYERCAST_ADMIN_TOKEN"))),
+    )
+    saved = dict(os.environ)
+    yield calls
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def test_serve_refuses_an_exposed_host_without_a_token_before_vllm_starts(tmp_path: Path) -> None:
+    started = time.monotonic()
+    out = layercast("serve", str(tmp_path / "no-model"), "--host", "0.0.0.0")
+    assert out.returncode == 2, out.stderr[-2000:]
+    (line,) = out.stderr.strip().splitlines()  # one line, and nothing from vLLM
+    assert line.startswith("layercast serve: refusing to serve on --host 0.0.0.0 (not a loopback address)")
+    for hint in ("--layercast-token-file PATH", "LAYERCAST_ADMIN_TOKEN", "--insecure"):
+        assert hint in line
+    assert time.monotonic() - started < 60
+    f = tmp_path / "s.toml"
+    f.write_text('[server]\nmodel = "/m"\nhost = "0.0.0.0"\n')
+    out = layercast("serve", "--config", str(f))
+    assert out.returncode == 2 and "refusing to serve on --host 0.0.0.0" in out.stderr, out.stderr[-2000:]
+
+
+def test_serve_exposure_in_process(serve_spy: list[Any], capsys: pytest.CaptureFixture[str]) -> None:
+    for host in ("0.0.0.0", "::", "[::]", "10.0.0.2", "node1.example", "::ffff:10.0.0.2"):
+        assert cli_main(["serve", "/m", "--host", host]) == 2, host
+        assert f"--host {host} (not a loopback address)" in capsys.readouterr().err
+    assert cli_main(["serve", "/m", "--host", "0.0.0.0", "--host", "127.0.0.1"]) == 0  # the last wins
+    for host in ("127.0.0.1", "127.3.4.5", "::1", "[::1]", "localhost"):
+        assert cli_main(["serve", "/m", "--host", host]) == 0, host
+    assert cli_main(["serve", "/m"]) == 0  # binds 127.0.0.1
+    assert cli_main(["serve", "/m", "--host", "0.0.0.0", "--uds", "/tmp/s.sock"]) == 0  # a Unix socket
+    assert capsys.readouterr().err == ""
+    assert len(serve_spy) == 8 and all(token is None for _, token in serve_spy)
+
+
+def test_serve_insecure_warns_loudly_at_every_start(
+    serve_spy: list[Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    for _ in range(2):
+        assert cli_main(["serve", "/m", "--host", "0.0.0.0", "--insecure"]) == 0
+        err = capsys.readouterr().err
+        assert "WARNING: INSECURE (--insecure): no admin token" in err and "0.0.0.0" in err
+        assert "/update_weights" in err and "reachable from other machines" in err
+    assert [argv for argv, _ in serve_spy] == [["/m", "--host", "0.0.0.0"]] * 2  # vLLM never sees it
+
+
+def test_serve_admin_token_from_a_file_the_settings_the_env_or_the_flag(
+    serve_spy: list[Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tf = tmp_path / "token"
+    tf.write_text("file-token-123\n")
+    tf.chmod(0o600)
+    exposed = ["serve", "/m", "--host", "0.0.0.0"]
+    assert cli_main([*exposed, "--layercast-token-file", str(tf)]) == 0
+    argv, token = serve_spy[-1]
+    assert token == "file-token-123" and argv == ["/m", "--host", "0.0.0.0"]
+    f = tmp_path / "s.toml"
+    f.write_text(f'[server]\nmodel = "/m"\nhost = "0.0.0.0"\ntoken_file = "{tf}"\n')
+    assert cli_main(["serve", "--config", str(f)]) == 0
+    argv, token = serve_spy[-1]
+    assert token == "file-token-123" and argv[:3] == ["/m", "--host", "0.0.0.0"]
+    assert "--layercast-token-file" not in argv
+    assert capsys.readouterr().err == ""  # neither needs a warning
+    monkeypatch.setenv("LAYERCAST_ADMIN_TOKEN", "env-token")
+    assert cli_main(exposed) == 0 and serve_spy[-1][1] == "env-token"
+    assert (
+        cli_main([*exposed, "--layercast-token-file", str(tf)]) == 0 and serve_spy[-1][1] == "file-token-123"
+    )
+    assert capsys.readouterr().err == ""
+    # On the command line: works, but warns that `ps` shows it (without printing it).
+    monkeypatch.delenv("LAYERCAST_ADMIN_TOKEN")
+    assert cli_main([*exposed, "--layercast-token", "flag-token"]) == 0
+    argv, token = serve_spy[-1]
+    assert token == "flag-token" and "flag-token" not in argv
+    err = capsys.readouterr().err
+    assert "WARNING: --layercast-token" in err and "`ps`" in err and "flag-token" not in err
+    calls = len(serve_spy)
+    # Refused (exit 2, vLLM not started): both sources, an empty or missing file.
+    assert cli_main([*exposed, "--layercast-token", "t", "--layercast-token-file", str(tf)]) == 2
+    assert "not both" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    assert cli_main([*exposed, "--layercast-token-file", str(empty)]) == 2
+    assert f"the admin token file {empty} is empty" in capsys.readouterr().err
+    assert cli_main([*exposed, "--layercast-token-file", str(tmp_path / "nope")]) == 2
+    assert f"cannot read the admin token file {tmp_path / 'nope'}" in capsys.readouterr().err
+    assert len(serve_spy) == calls
+    tf.chmod(0o644)  # readable by others: served, with a warning
+    assert cli_main([*exposed, "--layercast-token-file", str(tf)]) == 0
+    assert "readable by other users" in capsys.readouterr().err
+
+
 def test_demo_setup_for_fp8_on_gpus(tmp_path: Path) -> None:
     s = DemoSettings(scheme="fp8_block", servers=2, workdir=str(tmp_path))
     with pytest.raises(ValueError, match="needs a GPU"):
