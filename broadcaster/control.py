@@ -6,6 +6,11 @@ entries). The manifest is the same from one RL step to the next, so both sides k
 group: the sender re-uses its serialised bytes, a receiver whose bytes are identical re-uses the parsed,
 layout-checked header and bucket plan (parsing ~650 entries costs milliseconds, comparing bytes does not).
 
+Announcement: before its header, the sender writes the sync's id under the store key of the sync's
+number (`announce`), and a sender that gives up on a sync before its header writes the reason there
+(`cancel`). A receiver can thus wait for "the trainer has started this sync" with plain store reads
+(`announcement`), with no collective posted: an armed server keeps generating until the trainer comes.
+
 Invariant: a vote ends with the same verdict on every rank. Each failing rank writes its reason under a
 sync-specific store key BEFORE the all_reduce of the per-rank flag vector, so after the all_reduce every
 rank knows exactly which ranks failed and can read why.
@@ -21,6 +26,7 @@ import torch
 import torch.distributed as dist
 from pydantic import ValidationError
 
+from broadcaster.errors import BroadcastError, PeerLost
 from broadcaster.framing import check_layout, pieces_by_bucket
 from broadcaster.group import Group
 from configs.wire import PROTOCOL_VERSION, SyncHeader, TensorPiece
@@ -131,6 +137,45 @@ def receive_header(group: Group, timeout_s: float, max_bucket_size: int | None =
     group.wait(group.broadcast(payload), timeout_s, "the sync header")
     raw = payload.cpu().numpy().tobytes()
     return header_cache(group).decode(raw[:n_ids], raw[n_ids:], max_bucket_size)
+
+
+@dataclass(frozen=True)
+class Announcement:
+    """What the sender said about the group's next sync: its id, or why it was cancelled."""
+
+    sync_id: str
+    cancelled: str | None = None
+
+
+def _announce_key(seq: int) -> str:
+    return f"sync/{seq}/announced"
+
+
+def announce(group: Group, seq: int, sync_id: str) -> None:
+    """Sender: sync number `seq` (from `group.next_seq()`) starts now with `sync_id`."""
+    group.store.set(_announce_key(seq), json.dumps({"sync_id": sync_id}))
+
+
+def cancel(group: Group, sync_id: str, reason: str) -> None:
+    """Sender: the group's next sync (`sync_id`) will not come, because `reason`; receivers armed for it
+    answer at once instead of waiting for their deadline. The sync number is not consumed."""
+    group.store.set(_announce_key(group.peek_seq()), json.dumps({"sync_id": sync_id, "cancelled": reason}))
+
+
+def announcement(group: Group) -> Announcement | None:
+    """Receiver: the sender's word on the group's next sync, or None while it has said nothing. Store
+    reads only (bounded by the store's operation timeout); raises `PeerLost` if the group was aborted."""
+    group.check_health()
+    key = _announce_key(group.peek_seq())
+    try:
+        if not group.store.check([key]):
+            return None
+        said = json.loads(group.store.get(key))
+    except BroadcastError:
+        raise
+    except Exception as e:
+        raise PeerLost(f"rank {group.rank} could not read the sync announcement at {group.where}: {e}") from e
+    return Announcement(str(said["sync_id"]), said.get("cancelled"))
 
 
 @dataclass

@@ -6,6 +6,10 @@ other rank of the group (same verdict for votes; timeout or lost peer for a dead
 
 from __future__ import annotations
 
+# How a server's abort reason starts when another trainer took the server over (`takeover=true`): the
+# first trainer's next call fails at once with that reason instead of silently re-joining.
+TAKEN_OVER = "taken over by trainer"
+
 
 class BroadcastError(RuntimeError):
     """Base of everything the broadcaster raises about the group or a sync."""

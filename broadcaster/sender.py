@@ -27,7 +27,15 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from broadcaster.checksum import bucket_checksum
-from broadcaster.control import BucketPlan, finish_vote, header_cache, send_header, start_vote, tally
+from broadcaster.control import (
+    BucketPlan,
+    announce,
+    finish_vote,
+    header_cache,
+    send_header,
+    start_vote,
+    tally,
+)
 from broadcaster.errors import SyncFailed, SyncRefused
 from broadcaster.group import Group
 from broadcaster.report import SyncReport
@@ -140,6 +148,7 @@ class Sender:
         g.check_health()
         seq = g.next_seq()
         t0 = time.monotonic()
+        announce(g, seq, header.sync_id)
         send_header(g, header, to.header_s)
         t1 = time.monotonic()
         vote = start_vote(g, seq, "accept", False, "")

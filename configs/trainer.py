@@ -29,6 +29,11 @@ class BroadcasterConfig(BaseModel):
     sync_timeout_s: float = Field(default=600.0, gt=0)
     http_timeout_s: float = Field(default=30.0, gt=0)
     checksum: bool = False
+    takeover: bool = Field(
+        default=False,
+        description="join servers that are in another trainer's live group (that trainer's next call "
+        "fails, naming the takeover); off: such servers refuse with 409",
+    )
     token: str | None = Field(default=None, repr=False)
     direct_write: bool = Field(
         default=True,

@@ -12,11 +12,13 @@ from typing import Any
 
 from inference_worker import load_paths, vllm_compat
 from inference_worker.manifest_check import check_checkpoint_manifest
+from inference_worker.worker_rpc import tagged
 
 
 class ManifestCheckMixin:
     """Mixed into the vLLM worker (with `LayercastWorkerExtension`)."""
 
+    @tagged
     def layercast_check(
         self,
         load_path: str = "auto",

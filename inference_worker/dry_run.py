@@ -1,6 +1,6 @@
 """The vLLM side of `POST /check` (`layercast check`): ask every worker, merge their answers.
 
-Read-only: runs `ManifestCheckMixin.layercast_check` through `EngineClient.collective_rpc`; the load
+Read-only: runs `ManifestCheckMixin.layercast_check` through `WorkerRpc` (tagged `collective_rpc`); the load
 path and problems reported are the first worker's that has any (TP ranks hold different shards).
 """
 
@@ -11,21 +11,20 @@ from typing import Any
 
 from configs.api import RuntimeTensor, WeightsStatus
 from configs.check import CheckRequest, CheckResponse
+from inference_worker.worker_rpc import WorkerRpc
 from rpc.errors import SyncFailed
 
 CHECK_RPC_TIMEOUT_S = 120.0
 
 
 class VllmDryRun:
-    def __init__(self, engine_client: Any, status: Callable[[], WeightsStatus]) -> None:
-        self._engine = engine_client
+    def __init__(self, rpc: WorkerRpc, status: Callable[[], WeightsStatus]) -> None:
+        self._rpc = rpc
         self._status = status
 
     async def check(self, req: CheckRequest) -> CheckResponse:
         body = req.model_dump(mode="json")
-        results = list(
-            await self._engine.collective_rpc("layercast_check", timeout=CHECK_RPC_TIMEOUT_S, kwargs=body)
-        )
+        results = await self._rpc.call("layercast_check", CHECK_RPC_TIMEOUT_S, **body)
         for rank, res in enumerate(results):
             if not res.get("ok"):
                 raise SyncFailed(f"check failed on worker {rank}: {res.get('error')}", status_code=500)

@@ -1,15 +1,20 @@
 """The vLLM implementation of `rpc.routes.WeightSyncBackend`: HTTP calls become worker RPCs.
 
 Every worker of the server runs the same `layercast_*` method of `LayercastWorkerExtension` through
-`EngineClient.collective_rpc`; the worker never raises through the RPC (it returns a result dict with
-`ok`, `error`, `kind`, `torn`), so a failure is reported with its real cause rather than a generic engine
-error. While the RPC runs, vLLM's engine core runs no forward pass, so no request sees a half-loaded
-model; a sync that fails after loading started leaves the server `torn`, and the generation routes
-answer 503 until a complete sync lands.
+`WorkerRpc` (tagged, bounded `collective_rpc`: a late answer never reaches a later call); the worker
+never raises through the RPC (it returns a result dict with `ok`, `error`, `kind`, `torn`), so a failure
+is reported with its real cause rather than a generic engine error. A sync has two phases:
+- `wait_for_trainer`: poll the workers (store reads, no collective) until the trainer announces the
+  sync; the engine keeps generating meanwhile, and the generation gate is not held;
+- `update_weights`: one `layercast_receive` RPC that checks the header, votes, receives and loads.
+  While it runs, vLLM's engine core runs no forward pass, so no request sees a half-loaded model; a
+  sync that fails after loading started leaves the server `torn`, and the generation routes answer
+  503 until a complete sync lands.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -22,7 +27,12 @@ from configs.api import (
     UpdateWeightsResponse,
     WeightsStatus,
 )
+from inference_worker.worker_rpc import WorkerRpc
 from rpc.errors import ApiError, BadRequest, Conflict, NotReady, SyncFailed, SyncTimedOut
+
+# Polling the workers for the trainer's announcement: first after this, doubling up to the cap.
+POLL_FIRST_S = 1e-3
+POLL_MAX_S = 20e-3
 
 _ERROR_KINDS: dict[str, type[ApiError]] = {
     "bad_request": BadRequest,
@@ -45,6 +55,7 @@ class VllmSyncBackend:
 
     def __init__(self, engine_client: Any) -> None:
         self._engine = engine_client
+        self.rpc = WorkerRpc(engine_client)
         parallel = engine_client.vllm_config.parallel_config
         self._status = WeightsStatus(
             state="uninitialized",
@@ -54,31 +65,41 @@ class VllmSyncBackend:
             load_path=None,
         )
         self._init: InitBroadcasterRequest | None = None
+        self._deadline: tuple[str, float] | None = None  # the armed sync's id and monotonic deadline
+        self._before: str = "uninitialized"  # the state a running sync started from
 
     def status(self) -> WeightsStatus:
         return self._status
 
+    def health_problem(self) -> str | None:
+        return self.rpc.health_problem()
+
     def _set(self, **changes: Any) -> None:
         self._status = self._status.model_copy(update=changes)
-
-    async def _rpc(self, method: str, rpc_timeout_s: float | None, **kwargs: Any) -> list[dict[str, Any]]:
-        return list(await self._engine.collective_rpc(method, timeout=rpc_timeout_s, kwargs=kwargs))
 
     async def init_broadcaster(self, req: InitBroadcasterRequest) -> InitBroadcasterResponse:
         if self._status.state == "syncing":
             raise Conflict("a sync is in progress")
-        results = await self._rpc(
+        results = await self.rpc.call(
             "layercast_init", req.rendezvous_timeout_s + 60.0, request=req.model_dump(mode="json")
         )
         try:
             _raise_first_error(results, "init_broadcaster")
+        except Conflict:
+            raise  # another trainer's group is live: this server's state is untouched
         except ApiError as exc:
             self._set(last_error=str(exc), state="failed" if self._status.state != "torn" else "torn")
             raise
         first = results[0]
         self._init = req
         state = "torn" if self._status.state == "torn" else "ready"
-        self._set(state=state, scheme=req.scheme, load_path=first["load_path"], last_error=None)
+        self._set(
+            state=state,
+            scheme=req.scheme,
+            load_path=first["load_path"],
+            last_error=None,
+            trainer_id=req.trainer_id,
+        )
         manifest = first.get("runtime_manifest")
         return InitBroadcasterResponse(
             ranks=[int(r["rank"]) for r in results],
@@ -88,29 +109,77 @@ class VllmSyncBackend:
             runtime_manifest=[RuntimeTensor(**t) for t in manifest] if manifest else None,
         )
 
+    def _timeout_s(self, req: UpdateWeightsRequest) -> float:
+        assert self._init is not None
+        return req.timeout_s or self._init.step_timeout_s * 10
+
+    async def wait_for_trainer(self, req: UpdateWeightsRequest) -> float:
+        """Wait, without blocking generation, until the trainer announces sync `req.sync_id` (or
+        cancels it, or the group dies); returns how long the caller may then wait for running generation
+        to drain (the trainer is waiting for this server meanwhile, at most its step deadline)."""
+        if self._init is None:
+            raise NotReady("call /init_broadcaster first: this server has not joined a broadcast group")
+        timeout = self._timeout_s(req)
+        deadline = time.monotonic() + timeout
+        self._before = self._status.state
+        self._set(state="syncing", armed_sync_id=req.sync_id)
+        try:
+            await self._poll_until_announced(req, timeout, deadline)
+        except BaseException:
+            self._set(state=self._before, armed_sync_id=None)  # nothing was loaded
+            raise
+        self._set(armed_sync_id=None)
+        self._deadline = (req.sync_id, deadline)
+        left = deadline - time.monotonic()
+        return max(0.0, min(left, self._init.step_timeout_s / 2))
+
+    async def _poll_until_announced(self, req: UpdateWeightsRequest, timeout: float, deadline: float) -> None:
+        assert self._init is not None
+        nap = POLL_FIRST_S
+        while True:
+            results = await self.rpc.call("layercast_poll", self._init.step_timeout_s, sync_id=req.sync_id)
+            failed = [r for r in results if not r.get("ok")]
+            if failed:
+                self._set(last_error=str(failed[0].get("error")))
+                _raise_first_error(results, f"sync {req.sync_id}")
+            if all(r.get("announced") for r in results):
+                return
+            if time.monotonic() + nap > deadline:
+                raise SyncTimedOut(
+                    f"sync {req.sync_id}: the trainer did not start it within {timeout:.1f} s (no header "
+                    "announced); nothing was loaded and the server keeps its weights and its group"
+                )
+            await asyncio.sleep(nap)
+            nap = min(nap * 2, POLL_MAX_S)
+
     async def update_weights(self, req: UpdateWeightsRequest) -> UpdateWeightsResponse:
         if self._init is None:
             raise NotReady("call /init_broadcaster first: this server has not joined a broadcast group")
-        timeout = req.timeout_s or self._init.step_timeout_s * 10
-        self._set(state="syncing")
+        armed, self._deadline = self._deadline, None
+        if armed is not None and armed[0] == req.sync_id:
+            timeout = max(armed[1] - time.monotonic(), self._init.step_timeout_s)
+        else:
+            timeout = self._timeout_s(req)
+        if self._status.state != "syncing":  # not armed through wait_for_trainer
+            self._before = self._status.state
+            self._set(state="syncing")
         started = time.perf_counter()
         try:
-            results = await self._rpc(
+            results = await self.rpc.call(
                 "layercast_receive",
-                timeout + 30.0,
+                timeout,
                 sync_id=req.sync_id,
                 weights_version=req.weights_version,
                 timeout_s=timeout,
             )
-        except Exception as exc:  # the engine itself failed (dead worker, RPC timeout)
+        except ApiError as exc:  # the engine itself failed (dead worker) or overran its deadline
             self._set(state="torn", last_error=f"worker RPC failed: {exc}")
-            raise SyncFailed(f"update_weights: worker RPC failed: {exc}") from exc
+            raise
         torn = any(r.get("torn") for r in results)
         failed = [r for r in results if not r.get("ok")]
         if failed:
             # Untouched weights keep serving; torn ones refuse generation until a full sync lands.
-            prev = self._status.state
-            state = "torn" if torn or prev == "torn" else "ready"
+            state = "torn" if torn or self._before == "torn" else "ready"
             self._set(state=state, last_error=str(failed[0].get("error")), last_sync_id=req.sync_id)
             _raise_first_error(results, f"sync {req.sync_id}")
         # KV blocks computed with the old weights must not be reused by prefix caching.

@@ -11,13 +11,15 @@ They never raise through the RPC: each returns a plain dict (`ok`, `kind`, `erro
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from broadcaster.errors import BroadcastError, BroadcastTimeout, SyncFailed, SyncRefused
+from broadcaster.control import announcement
+from broadcaster.errors import TAKEN_OVER, BroadcastError, BroadcastTimeout, SyncFailed, SyncRefused
 from broadcaster.group import Group
 from broadcaster.receiver import Receiver, view_bucket
 from broadcaster.timeouts import Timeouts
@@ -26,10 +28,13 @@ from configs.quant import QuantScheme
 from configs.wire import SyncHeader
 from inference_worker import load_paths, vllm_compat
 from inference_worker.manifest_check import check_checkpoint_manifest
+from inference_worker.worker_rpc import tagged
 
 # Above every deadline we apply (header waits can be long between RL steps): our own deadline polling
 # decides, never NCCL's watchdog.
 RECEIVER_OP_TIMEOUT_S = 24 * 3600.0
+MAX_BUCKET_ENV = "LAYERCAST_MAX_BUCKET_BYTES"
+DEFAULT_MAX_BUCKET_BYTES = 4 * 2**30
 
 
 def _result(ok: bool, kind: str = "", error: str = "", **extra: Any) -> dict[str, Any]:
@@ -39,8 +44,17 @@ def _result(ok: bool, kind: str = "", error: str = "", **extra: Any) -> dict[str
 class _SyncState:
     """What one worker remembers between RPCs."""
 
-    def __init__(self, req: InitBroadcasterRequest, group: Group, rank: int, path: str, server_ranks: range):
+    def __init__(
+        self,
+        req: InitBroadcasterRequest,
+        group: Group,
+        rank: int,
+        path: str,
+        server_ranks: range,
+        max_bucket: int,
+    ):
         self.req = req
+        self.max_bucket = max_bucket
         self.group = group
         self.rank = rank
         self.path = path
@@ -91,6 +105,35 @@ def layerwise_copy_plan(header: SyncHeader) -> list[bool]:
     ]
 
 
+def _where(req: InitBroadcasterRequest) -> str:
+    return f"rendezvous {req.master_address}:{req.master_port}"
+
+
+def max_bucket_bytes() -> int:
+    """The largest bucket this server accepts from a trainer (`LAYERCAST_MAX_BUCKET_BYTES`, default
+    `DEFAULT_MAX_BUCKET_BYTES`): a header announcing larger buckets is refused before any allocation."""
+    raw = os.environ.get(MAX_BUCKET_ENV, "")
+    try:
+        value = int(raw) if raw else DEFAULT_MAX_BUCKET_BYTES
+    except ValueError:
+        raise ValueError(f"{MAX_BUCKET_ENV}={raw!r} is not an integer number of bytes") from None
+    if value < 1024:
+        raise ValueError(f"{MAX_BUCKET_ENV}={value} is below the smallest bucket (1024 bytes)")
+    return value
+
+
+def _within(
+    stream: Iterator[tuple[str, torch.Tensor]], group: Group, deadline: float, sync_id: str, timeout_s: float
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """`stream`, aborting the group (the trainer learns it at once) when the sync's deadline passes."""
+    for item in stream:
+        if time.monotonic() > deadline:
+            reason = f"sync {sync_id!r} passed its {timeout_s:.0f} s deadline while loading"
+            group.abort(reason)
+            raise BroadcastTimeout(f"rank {group.rank}: {reason}; group aborted")
+        yield item
+
+
 def _owned_where_needed(
     stream: Iterator[tuple[str, torch.Tensor]], copy: list[bool], stats: dict[str, int]
 ) -> Iterator[tuple[str, torch.Tensor]]:
@@ -106,6 +149,7 @@ class BroadcastReceiverMixin:
 
     _layercast_sync: _SyncState | None = None
 
+    @tagged
     def layercast_init(self, request: dict[str, Any]) -> dict[str, Any]:
         try:
             req = InitBroadcasterRequest.model_validate(request)
@@ -124,12 +168,18 @@ class BroadcastReceiverMixin:
         model = vllm_compat.worker_model(self)
         try:
             path, reason = load_paths.choose_load_path(model, req.load_path, None)
-        except load_paths.LoadPathError as exc:
+            max_bucket = max_bucket_bytes()
+        except (load_paths.LoadPathError, ValueError) as exc:
             return _result(False, "bad_request", str(exc))
+        owner = self._layercast_owner(req)
+        if owner is not None:
+            return _result(False, "refused", owner)
         device = vllm_compat.worker_device(self)
         backend = req.backend if req.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
         old = self._layercast_sync
         if old is not None:
+            if req.takeover and old.group.broken is None:
+                old.group.abort(f"{TAKEN_OVER} {req.trainer_id or '(unnamed)'} of {_where(req)}")
             old.group.close()
             self._layercast_sync = None
         try:
@@ -146,13 +196,52 @@ class BroadcastReceiverMixin:
             )
         except BroadcastError as exc:
             return _result(False, "timeout" if isinstance(exc, BroadcastTimeout) else "bad_request", str(exc))
-        self._layercast_sync = _SyncState(req, group, rank, path, range(req.rank_offset, last + 1))
+        self._layercast_sync = _SyncState(
+            req, group, rank, path, range(req.rank_offset, last + 1), max_bucket
+        )
         manifest = None
         if path == "kernel":
             manifest = [
                 {"name": n, "dtype": d, "shape": list(s)} for n, d, s in load_paths.runtime_manifest(model)
             ]
         return _result(True, rank=rank, load_path=path, load_path_reason=reason, runtime_manifest=manifest)
+
+    def _layercast_owner(self, req: InitBroadcasterRequest) -> str | None:
+        """Why `req` may not replace this worker's group: another trainer's group is alive (its store
+        answers and nobody aborted it). None when the group is gone, is the same trainer's, or the
+        request takes over explicitly."""
+        old = self._layercast_sync
+        if old is None or req.takeover or old.req.trainer_id == req.trainer_id:
+            return None
+        try:
+            old.group.check_health()
+        except BroadcastError:
+            return None  # that trainer is gone (or frozen past the store's bound): its group is dead
+        return (
+            f"this server is in the live broadcast group of trainer {old.req.trainer_id or '(unnamed)'} "
+            f"({_where(old.req)}); a second trainer ({req.trainer_id or '(unnamed)'}, {_where(req)}) may "
+            "take it over only with takeover=true, which fails the first trainer's next call"
+        )
+
+    @tagged
+    def layercast_poll(self, sync_id: str) -> dict[str, Any]:
+        """Has the trainer started sync `sync_id`? Store reads only: no collective is posted, so the
+        engine keeps generating between polls. `announced` is True once it has; a cancellation by the
+        trainer, or an aborted or lost group, is a failed result."""
+        state = self._layercast_sync
+        if state is None:
+            return _result(
+                False, "not_ready", "not joined to a broadcast group: call /init_broadcaster first"
+            )
+        try:
+            said = announcement(state.group)
+        except BroadcastError as exc:
+            return _result(False, "failed", f"{exc}; re-run /init_broadcaster", torn=False)
+        if said is None or (said.sync_id != sync_id and said.cancelled is not None):
+            return _result(True, announced=False)
+        if said.cancelled is not None:
+            return _result(False, "refused", f"the trainer cancelled sync {sync_id!r}: {said.cancelled}")
+        return _result(True, announced=True, announced_sync_id=said.sync_id)
 
     def _layercast_check(
         self, header: SyncHeader, sync_id: str, version: int, scheme: QuantScheme
@@ -185,7 +274,11 @@ class BroadcastReceiverMixin:
             state.accepted = header.entries
         return problem
 
+    @tagged
     def layercast_receive(self, sync_id: str, weights_version: int, timeout_s: float) -> dict[str, Any]:
+        """Receive and load sync `sync_id`, which the trainer has announced (`layercast_poll`). Every wait
+        is bounded by the init's step deadline, and the whole sync by `timeout_s`: past it the group is
+        aborted (the trainer learns it at once) and the result is a timeout."""
         state = self._layercast_sync
         if state is None:
             return _result(
@@ -196,9 +289,11 @@ class BroadcastReceiverMixin:
             return _result(
                 False, "not_ready", f"the broadcast group was aborted ({broken}); re-run /init_broadcaster"
             )
-        step = state.req.step_timeout_s
+        step = min(state.req.step_timeout_s, timeout_s)
         receiver = Receiver(
-            state.group, timeouts=Timeouts(header_s=timeout_s, vote_s=step, bucket_s=step, commit_s=step)
+            state.group,
+            timeouts=Timeouts(header_s=step, vote_s=step, bucket_s=step, commit_s=step),
+            max_bucket_size=state.max_bucket,
         )
         started = time.perf_counter()
         try:
@@ -211,7 +306,9 @@ class BroadcastReceiverMixin:
             kind = "timeout" if isinstance(exc, BroadcastTimeout) else "failed"
             return _result(False, kind, f"{exc}; re-run /init_broadcaster", torn=False)
         wait_s = time.perf_counter() - started
-        stream: Iterator[tuple[str, torch.Tensor]] = iter(incoming)
+        stream: Iterator[tuple[str, torch.Tensor]] = _within(
+            iter(incoming), state.group, time.monotonic() + timeout_s - wait_s, sync_id, timeout_s
+        )
         copies = {"copied_bytes": 0}
         if state.path == "layerwise":
             stream = _owned_where_needed(stream, state.copy_plan(incoming.header), copies)

@@ -12,7 +12,7 @@ if ! ldconfig -p 2>/dev/null | grep -q libnuma.so.1; then
 fi
 if ! command -v ip >/dev/null 2>&1; then
   echo "[setup] installing iproute2 (multi-host tests)"
-  (apt-get update -qq && apt-get install -y -qq iproute2) >/dev/null || true
+  (apt-get update -qq && apt-get install -y -qq iproute2) >/dev/null
 fi
 
 if [ ! -x "$VENV/bin/python" ]; then

@@ -348,9 +348,166 @@ def test_inference_server_restarted_between_syncs(
         assert_on_version(s, 6)
 
 
+def test_frozen_trainer_never_wedges_a_server(servers: dict[str, ServerProcess], work: Path) -> None:
+    """SIGSTOP the trainer mid-stream (its store freezes too): every server answers within its step
+    deadline, stays healthy and answers later calls with their own answers; a new trainer heals it,
+    also while the old one runs again (SIGCONT) with its dead group."""
+    a, b = servers["a"], servers["b"]
+    config = broadcaster_config(servers, work)
+    trainer = TrainerProcess(work, config, 7, "frozen-7", pause=True, arm=False)
+    trainer.expect("JOINED", 120)
+    body = {"sync_id": "frozen-7", "weights_version": 7, "timeout_s": STEP_TIMEOUT_S}
+    armed = [BackgroundPost(s.url + "/update_weights", body, TOKEN) for s in (a, b)]
+    trainer.expect("MID-SYNC", 60)
+    trainer.proc.send_signal(signal.SIGSTOP)
+    frozen_at = time.monotonic()
+    try:
+        for s, post in zip((a, b), armed, strict=True):
+            answer = post.response(STEP_TIMEOUT_S + 40)
+            assert answer.status_code in (502, 504), answer.text
+            assert time.monotonic() - frozen_at < STEP_TIMEOUT_S + 5, "a server waited past its step deadline"
+            assert_refuses_as_torn(s, "frozen-7", "rank 0")
+            assert httpx.get(s.url + "/health").status_code == 200
+            # The next worker call gets its own answer (not the dead sync's).
+            check = httpx.post(s.url + "/check", json={}, headers={"Authorization": f"Bearer {TOKEN}"})
+            assert check.status_code == 200 and check.json()["state"] == "torn", check.text
+    finally:
+        trainer.proc.send_signal(signal.SIGCONT)
+    config["master_port"] = free_port()
+    healer = TrainerProcess(work, config, 8, "heal-8", pause=False, arm=True)
+    healer.expect("PUSHED", 180)
+    assert healer.proc.wait(30) == 0
+    assert "frozen-7" not in healer.output()
+    for s in (a, b):
+        assert_on_version(s, 8)
+    trainer.proc.kill()
+    trainer.proc.wait(10)
+
+
+def test_an_armed_sync_never_blocks_generation(
+    servers: dict[str, ServerProcess], bc: PausingBroadcaster
+) -> None:
+    a, b = servers["a"], servers["b"]
+    bc.pause_at = None
+    bc.init()  # the servers are in the (exited) healer's group
+    body = {"sync_id": "armed-9", "weights_version": 9, "timeout_s": 60}
+    armed = [BackgroundPost(s.url + "/update_weights", body, TOKEN) for s in (a, b)]
+    for s in (a, b):
+        deadline = time.monotonic() + 10
+        while status(s)["armed_sync_id"] != "armed-9":
+            assert time.monotonic() < deadline, status(s)
+            time.sleep(0.02)
+        for _ in range(3):  # armed, no trainer yet: generation goes on at its own pace
+            t0 = time.monotonic()
+            r = completion(s)
+            assert r.status_code == 200 and r.headers[VERSION_HEADER] == "8", r.text
+            assert time.monotonic() - t0 < 5, "generation waited for the armed sync"
+    bc.push(model_at(9), 9, sync_id="armed-9", arm=False)
+    for s, post in zip((a, b), armed, strict=True):
+        assert post.response(30).status_code == 200
+        assert_on_version(s, 9)
+
+
+def _poisoned(version: int) -> torch.nn.Module:
+    model = model_at(version)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[3, 5] = float("nan")
+        model.model.norm.weight[0] = float("inf")
+    return model
+
+
+def test_nonfinite_weights_never_reach_a_server(
+    servers: dict[str, ServerProcess], bc: PausingBroadcaster
+) -> None:
+    a, b = servers["a"], servers["b"]
+    before = {s.url: status(s) for s in (a, b)}
+    t0 = time.monotonic()
+    with pytest.raises(PushError, match="non-finite") as info:
+        bc.push(_poisoned(10), 10)
+    assert "model.layers.1.mlp.down_proj.weight" in str(info.value) and "model.norm.weight" in str(info.value)
+    assert time.monotonic() - t0 < 10
+    for s in (a, b):
+        assert status(s) == before[s.url]  # never armed, nothing loaded
+    # Armed by an orchestrator: the trainer cancels the sync and the servers answer at once.
+    body = {"sync_id": "nan-10", "weights_version": 10, "timeout_s": 60}
+    armed = [BackgroundPost(s.url + "/update_weights", body, TOKEN) for s in (a, b)]
+    for s in (a, b):
+        deadline = time.monotonic() + 10
+        while status(s)["armed_sync_id"] != "nan-10":
+            assert time.monotonic() < deadline, status(s)
+            time.sleep(0.02)
+    t0 = time.monotonic()
+    with pytest.raises(PushError, match="non-finite"):
+        bc.push(_poisoned(10), 10, sync_id="nan-10", arm=False)
+    for s, post in zip((a, b), armed, strict=True):
+        answer = post.response(10)
+        assert answer.status_code == 409 and "cancelled" in answer.text and "non-finite" in answer.text
+        assert_on_version(s, 9)
+    assert time.monotonic() - t0 < 10
+
+
+def test_a_second_trainer_is_refused_then_takes_over_only_explicitly(
+    servers: dict[str, ServerProcess], bc: PausingBroadcaster, work: Path
+) -> None:
+    a, b = servers["a"], servers["b"]
+    bc.push(model_at(11), 11)  # the first trainer's group is live
+    second = WeightBroadcaster(BroadcasterConfig(**broadcaster_config(servers, work)))
+    with pytest.raises(PushError, match="live broadcast group of trainer") as info:
+        second.init()
+    assert bc.trainer_id in str(info.value) and "takeover" in str(info.value)
+    bc.push(model_at(12), 12)  # untouched by the refused attempt
+    for s in (a, b):
+        assert_on_version(s, 12)
+    taker = WeightBroadcaster(BroadcasterConfig(**broadcaster_config(servers, work), takeover=True))
+    taker.push(model_at(13), 13)
+    for s in (a, b):
+        assert_on_version(s, 13)
+    t0 = time.monotonic()
+    with pytest.raises(PushError, match="took the servers over") as info:
+        bc.push(model_at(14), 14)  # the first trainer's next call fails at once, naming the takeover
+    assert taker.trainer_id in str(info.value) and time.monotonic() - t0 < 5
+    taker.close()
+
+
+def test_dead_engine_core_is_named_within_the_step_deadline(
+    servers: dict[str, ServerProcess], work: Path
+) -> None:
+    a, b = servers["a"], servers["b"]
+    trainer = PausingBroadcaster(BroadcasterConfig(**broadcaster_config(servers, work), takeover=True))
+    trainer.push(model_at(15), 15)
+    core = [p for p in process_tree(a) if p.name() == "VLLM::EngineCore"]
+    assert len(core) == 1, [p.name() for p in process_tree(a)]
+    trainer.pause_at = PAUSE_AT
+    errors: list[BaseException] = []
+    push = threading.Thread(
+        target=lambda: _record(errors, lambda: trainer.push(model_at(16), 16)), daemon=True
+    )
+    push.start()
+    assert trainer.mid.wait(60)
+    core[0].kill()
+    killed_at = time.monotonic()
+    trainer.go.set()
+    push.join(STEP_TIMEOUT_S + 60)
+    assert not push.is_alive(), "the trainer's push hung after an engine core died"
+    took = time.monotonic() - killed_at
+    assert len(errors) == 1 and isinstance(errors[0], PushError), errors
+    assert took < STEP_TIMEOUT_S + 15, took
+    why = errors[0].server_errors.get(a.url, "")
+    assert why.strip() and a.url in str(errors[0]), str(errors[0])
+    trainer.close()
+    a.stop()  # vLLM ends the API server when its engine core dies; stop() reaps what is left
+    servers["a"] = restarted = serve(work, "a-restarted-core", port=a.port)
+    ready(restarted)
+    healer = PausingBroadcaster(BroadcasterConfig(**broadcaster_config(servers, work), takeover=True))
+    healer.push(model_at(17), 17)
+    for s in (restarted, b):
+        assert_on_version(s, 17)
+    healer.close()
+
+
 def test_the_token_never_appears_in_any_server_log(servers: dict[str, ServerProcess], work: Path) -> None:
     logs = sorted(work.glob("*.log"))
-    assert len(logs) == 4, logs  # a, b, and both restarted replicas
+    assert len(logs) == 5, logs  # a, b, and the three restarted replicas
     for log in logs:
         text = log.read_text(errors="replace")
         assert "POST /update_weights" in text, f"{log.name}: no admin request logged, nothing checked"

@@ -9,6 +9,7 @@ calls `push` (the layer gathers are collectives); only global rank 0 sends.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -17,11 +18,13 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import httpx
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from broadcaster.errors import BroadcastError
+from broadcaster.control import cancel
+from broadcaster.errors import TAKEN_OVER, BroadcastError
 from broadcaster.framing import make_header
 from broadcaster.group import Group, cancel_rendezvous
 from broadcaster.report import SyncReport
@@ -40,6 +43,7 @@ from configs.wire import SyncHeader
 from rpc.client import AsyncServerClient
 from trainer_side.bucket_writer import BucketWriter
 from trainer_side.detect import detect_quant_scheme
+from trainer_side.finite import describe_nonfinite, nonfinite_tensors
 from trainer_side.kernel_layout import KernelLayoutError, check_against_runtime, fuse_specs, fuse_tensors
 from trainer_side.names import NameMap
 from trainer_side.walker import iter_layer_chunks, plan_stream
@@ -59,6 +63,7 @@ class PushReport:
     tensors: int = 0
     bytes_sent: int = 0
     plan_s: float = 0.0
+    finite_check_s: float = 0.0
     quantize_s: float = 0.0
     send_s: float = 0.0
     commit_s: float = 0.0
@@ -132,6 +137,28 @@ def _is_sender() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+def _reason(exc: BaseException) -> str:
+    """An exception as a reason that is never empty (httpx's timeouts have no message)."""
+    text = str(exc)
+    if text and not isinstance(exc, httpx.HTTPError):
+        return text
+    return f"{type(exc).__name__}: {text or 'no detail'}"
+
+
+def _finite_verdict(model: nn.Module) -> str | None:
+    """Why `model` must not be sent (non-finite weights on this rank, or on another trainer rank: the
+    flag is all-reduced, so every rank of an FSDP trainer gets the same verdict), or None."""
+    bad = nonfinite_tensors(model)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        on_gpu = dist.get_backend() == "nccl"
+        device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+        flag = torch.tensor([1 if bad else 0], dtype=torch.int32, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if int(flag.item()) and not bad:
+            return "another trainer rank found non-finite values (NaN or inf) in its weight shards"
+    return describe_nonfinite(bad) if bad else None
+
+
 class WeightBroadcaster:
     """Construct from a `BroadcasterConfig`, `init()` once, `push(model, version)` per step, `close()`.
 
@@ -146,6 +173,8 @@ class WeightBroadcaster:
         self.scheme: QuantScheme = detect_quant_scheme(config.inference_config)
         self.name_map = name_map
         self.group: Group | None = None
+        # Names this trainer to the servers: a server in another trainer's live group refuses to join ours.
+        self.trainer_id = f"trainer-{uuid.uuid4().hex[:12]}"
         self.init_responses: dict[str, InitBroadcasterResponse] = {}
         self._dtype = getattr(torch, config.send_dtype) if config.send_dtype else None
         self._kernel_rename: dict[str, str] = {}
@@ -203,6 +232,8 @@ class WeightBroadcaster:
                 rendezvous_timeout_s=c.rendezvous_timeout_s,
                 step_timeout_s=c.step_timeout_s,
                 checksum=c.checksum,
+                trainer_id=self.trainer_id,
+                takeover=c.takeover,
             )
             for off in offsets
         ]
@@ -321,6 +352,8 @@ class WeightBroadcaster:
         sync_id = sync_id or f"v{version}-{uuid.uuid4().hex[:8]}"
         report = PushReport(sync_id=sync_id, weights_version=version)
         if not _is_sender():
+            if (problem := _finite_verdict(model)) is not None:
+                raise PushError(f"sync {sync_id} not started: {problem}")
             for _ in iter_layer_chunks(model, self.scheme, self.name_map, dtype=self._dtype):
                 pass
             return report
@@ -330,14 +363,39 @@ class WeightBroadcaster:
         t0 = time.perf_counter()
         header = self._header(model, sync_id, version)
         report.plan_s = time.perf_counter() - t0
+        problem = _finite_verdict(model)
+        report.finite_check_s = time.perf_counter() - t0 - report.plan_s
+        if problem is not None:
+            # Servers armed for this sync (by an orchestrator) answer at once instead of at their deadline.
+            with contextlib.suppress(BroadcastError):
+                cancel(self.group, sync_id, problem)
+            message = f"sync {sync_id} not started: {problem}; no server was touched"
+            self.logger.warning("%s (v%d)", message, version)
+            raise PushError(message)
         req = UpdateWeightsRequest(sync_id=sync_id, weights_version=version, timeout_s=c.sync_timeout_s)
+
+        # Once the trainer's side of the sync is over (`wire_ended`), every server answers within about
+        # a step: one that does not (a dead engine core, a hung API process) is named, never waited for
+        # until the sync's own deadline.
+        wire_ended: list[float] = []
+        answer_grace_s = c.step_timeout_s + 10.0
+
+        async def arm_one(cl: AsyncServerClient) -> UpdateWeightsResponse:
+            task = asyncio.ensure_future(cl.update_weights(req))
+            while not task.done():
+                if wire_ended and time.monotonic() - wire_ended[0] > answer_grace_s:
+                    task.cancel()
+                    raise TimeoutError(
+                        f"no answer to POST /update_weights {answer_grace_s:.0f} s after the trainer's side "
+                        "of the sync ended: the server's engine may be dead (check its /health)"
+                    )
+                await asyncio.wait([task], timeout=0.05)
+            return task.result()
 
         async def arm_all() -> list[UpdateWeightsResponse | BaseException]:
             clients = self._clients()
             try:
-                return await asyncio.gather(
-                    *(cl.update_weights(req) for cl in clients), return_exceptions=True
-                )
+                return await asyncio.gather(*(arm_one(cl) for cl in clients), return_exceptions=True)
             finally:
                 await asyncio.gather(*(cl.aclose() for cl in clients))
 
@@ -358,9 +416,10 @@ class WeightBroadcaster:
             report.wire = sender.send(header, stream)
         except BroadcastError as exc:
             wire_error = exc
-        results = http.join(c.sync_timeout_s + 60) if http is not None else [None] * len(c.servers)
+        wire_ended.append(time.monotonic())
+        results = http.join(answer_grace_s + 30) if http is not None else [None] * len(c.servers)
         errors = {
-            url: str(r) for url, r in zip(c.servers, results, strict=True) if isinstance(r, BaseException)
+            url: _reason(r) for url, r in zip(c.servers, results, strict=True) if isinstance(r, BaseException)
         }
         report.servers = {
             url: r for url, r in zip(c.servers, results, strict=True) if isinstance(r, UpdateWeightsResponse)
@@ -428,10 +487,17 @@ class WeightBroadcaster:
             try:
                 self.group.check_health()
                 statuses = _run_async(self._statuses)
-                if not any(s.state in _NOT_IN_GROUP for s in statuses):
+                # A server in another trainer's group (restarted, taken over) needs an init: it refuses
+                # with 409 while that group lives, unless this trainer takes over.
+                if not any(s.state in _NOT_IN_GROUP or s.trainer_id != self.trainer_id for s in statuses):
                     return
-            except BroadcastError:
-                pass
+            except BroadcastError as exc:
+                if TAKEN_OVER in str(exc):
+                    self.close()
+                    raise PushError(
+                        f"another trainer took the servers over (takeover=true): {exc}; this trainer's "
+                        "group is closed (init() again with takeover=True to take them back)"
+                    ) from exc
         self.init()
 
     def close(self) -> None:

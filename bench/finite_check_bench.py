@@ -1,0 +1,91 @@
+"""What refusing non-finite weights costs a sync: `trainer_side.finite.nonfinite_tensors` over a whole
+Qwen3-shaped BF16 model, side by side with a copy of the same bytes (the memory-bound floor: the check
+reads every byte once, a copy reads and writes them) in the same run.
+
+    python bench/finite_check_bench.py --shapes 0.6b,8b --device cuda --out-dir OUT
+
+Writes `finite-check.json` (one row per shape: params, bytes, check_s, copy_s, ratio_vs_copy) and prints a
+table. The check runs once per push before the sync is announced, so `check_s` adds to every sync.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import build_model, median, sync_cuda
+from trainer_side.finite import nonfinite_tensors
+
+
+def _timed(fn: object, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        sync_cuda()
+        t0 = time.perf_counter()
+        fn()  # type: ignore[operator]
+        sync_cuda()
+        times.append(time.perf_counter() - t0)
+    return median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="0.6b")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out-dir", type=Path, default=None)
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    rows = []
+    for shape in args.shapes.split(","):
+        model = build_model(shape, torch.bfloat16, device)
+        params = [p for p in model.parameters()]
+        nbytes = sum(p.numel() * p.element_size() for p in params)
+        dst = [torch.empty_like(p) for p in params]
+        clean = nonfinite_tensors(model)
+        assert clean == [], clean
+        check_s = _timed(lambda m=model: nonfinite_tensors(m), args.repeats)
+        copy_s = _timed(lambda d=dst, s=params: torch._foreach_copy_(d, s), args.repeats)
+        with torch.no_grad():
+            params[len(params) // 2].view(-1)[7] = float("nan")
+        found = nonfinite_tensors(model)
+        assert len(found) == 1, found
+        rows.append(
+            dict(
+                shape=shape,
+                params=sum(p.numel() for p in params),
+                bytes=nbytes,
+                check_s=check_s,
+                copy_s=copy_s,
+                ratio_vs_copy=check_s / copy_s,
+                found=found,
+            )
+        )
+        del model, params, dst
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print(f"device: {name}; {time.strftime('%Y-%m-%d')}; command: {' '.join(sys.argv)}")
+    print(f"{'shape':>6} {'params':>14} {'GB':>7} {'check ms':>9} {'copy ms':>8} {'check/copy':>10}")
+    for r in rows:
+        print(
+            f"{r['shape']:>6} {r['params']:>14,} {r['bytes'] / 1e9:>7.2f} {r['check_s'] * 1e3:>9.2f} "
+            f"{r['copy_s'] * 1e3:>8.2f} {r['ratio_vs_copy']:>10.2f}"
+        )
+    if args.out_dir:
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        out = {"device": name, "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "rows": rows}
+        (args.out_dir / "finite-check.json").write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
