@@ -41,6 +41,17 @@ class InitBroadcasterRequest(_Strict):
     rendezvous_timeout_s: float = Field(default=120.0, gt=0, le=3600)
     step_timeout_s: float = Field(default=120.0, gt=0, le=3600)
     checksum: bool = False
+    trainer_id: str | None = Field(
+        default=None,
+        pattern=_SYNC_ID_PATTERN,
+        description="who is joining (the trainer's own id): a server in the live group of another "
+        "trainer refuses with 409 unless `takeover`",
+    )
+    takeover: bool = Field(
+        default=False,
+        description="replace the live group of another trainer; that trainer's next call fails at once, "
+        "naming the takeover",
+    )
 
     @model_validator(mode="after")
     def _ranks_fit(self) -> InitBroadcasterRequest:
@@ -109,6 +120,12 @@ class WeightsStatus(BaseModel):
     last_sync_id: str | None = None
     last_timings: SyncTimings | None = None
     last_error: str | None = None
+    trainer_id: str | None = Field(
+        default=None, description="the trainer whose broadcast group this server joined last"
+    )
+    armed_sync_id: str | None = Field(
+        default=None, description="the sync waiting for its trainer (generation goes on meanwhile)"
+    )
 
 
 class ErrorBody(BaseModel):

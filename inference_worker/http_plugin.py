@@ -23,6 +23,7 @@ from inference_worker.dry_run import VllmDryRun
 from inference_worker.engine_backend import VllmSyncBackend
 from inference_worker.metrics import default_metrics
 from rpc.errors import NotReady
+from rpc.health import HealthGuard
 from rpc.middleware import AdminGuard, GenerationGate
 from rpc.routes import build_router
 from rpc.weights_gate import WeightsGate
@@ -67,6 +68,9 @@ class LayercastEndpointPlugin:
     def _status(self) -> WeightsStatus | None:
         return self.backend.status() if self.backend is not None else None
 
+    def _health_problem(self) -> str | None:
+        return self.backend.health_problem() if self.backend is not None else None
+
     def attach_router(self, app: FastAPI) -> None:
         configure_logging()
         before = len(app.router.routes)
@@ -86,11 +90,12 @@ class LayercastEndpointPlugin:
         del app.router.routes[before:]
         app.router.routes[:0] = ours
         app.add_middleware(GenerationGate, gate=self.gate, status=self._status)
+        app.add_middleware(HealthGuard, problem=self._health_problem)
         app.add_middleware(AdminGuard, token=token)
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         if engine_client is not None:
             backend = VllmSyncBackend(engine_client)
             self.backend = backend
-            self.dry_run = VllmDryRun(engine_client, backend.status)
+            self.dry_run = VllmDryRun(backend.rpc, backend.status)
 

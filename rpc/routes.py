@@ -4,10 +4,11 @@
 `/update_weights`, `/weights` (and `/check`). The engine-specific work is done by a `WeightSyncBackend`
 (the vLLM one lives in `inference_worker`). This module owns what every server must do the same way:
 bearer-token auth on admin routes (constant-time compare, the token never logged), one sync at a time
-(409 for a second), a sync applied only while no generation runs (it holds the `WeightsGate`
-exclusive), and mapping backend errors to status codes with a message that names the cause. After every
-`/update_weights` it logs one line and tells the router's observers (metrics) what happened
-(`rpc.sync_events.SyncEvent`).
+(409 for a second), an armed sync that never blocks generation while it waits for its trainer, a sync
+applied only while no generation runs (it holds the `WeightsGate` exclusive from the trainer's arrival
+until the new version is recorded), and mapping backend errors to status codes with a message that
+names the cause. After every `/update_weights` it logs one line and tells the router's observers
+(metrics) what happened (`rpc.sync_events.SyncEvent`).
 """
 
 from __future__ import annotations
@@ -39,16 +40,22 @@ from rpc.weights_gate import WeightsGate
 
 _log = logging.getLogger("layercast.server")
 
-# How long a sync waits for running generation to finish when its request sets no timeout.
-DEFAULT_DRAIN_TIMEOUT_S = 600.0
-
 
 class WeightSyncBackend(Protocol):
     async def init_broadcaster(self, req: InitBroadcasterRequest) -> InitBroadcasterResponse: ...
 
+    async def wait_for_trainer(self, req: UpdateWeightsRequest) -> float:
+        """Wait (generation going on) until the trainer starts sync `req`; returns how long running
+        generation may then take to drain before the sync must start loading."""
+        ...
+
     async def update_weights(self, req: UpdateWeightsRequest) -> UpdateWeightsResponse: ...
 
     def status(self) -> WeightsStatus: ...
+
+    def health_problem(self) -> str | None:
+        """Why the server cannot take part in syncs now (reported by `/health` as 503), or None."""
+        ...
 
 
 class DryRunBackend(Protocol):
@@ -173,7 +180,9 @@ def build_router(
             started = time.perf_counter()
             before = _state(get_backend)
             try:
-                async with gate.sync(req.timeout_s or DEFAULT_DRAIN_TIMEOUT_S):
+                # Armed, generation goes on; the gate is held only once the trainer is here.
+                drain_s = await get_backend().wait_for_trainer(req)
+                async with gate.sync(drain_s):
                     resp = await get_backend().update_weights(req)
             except ApiError as exc:
                 event = SyncEvent(
