@@ -180,7 +180,8 @@ class VllmSyncBackend:
         if failed:
             # Untouched weights keep serving; torn ones refuse generation until a full sync lands.
             state = "torn" if torn or self._before == "torn" else "ready"
-            self._set(state=state, last_error=str(failed[0].get("error")), last_sync_id=req.sync_id)
+            # last_sync_id stays the last sync that landed: a failed one can be retried under its id.
+            self._set(state=state, last_error=str(failed[0].get("error")))
             _raise_first_error(results, f"sync {req.sync_id}")
         # KV blocks computed with the old weights must not be reused by prefix caching.
         await self._engine.reset_prefix_cache()

@@ -1,7 +1,8 @@
 """The gate between generation and weight syncs: every response is produced by exactly one weights version.
 
 Generation requests hold the gate *shared* for their whole response (streamed bodies included); a sync
-holds it *exclusive* from before its worker RPC starts until the new version is recorded. A waiting
+holds it *exclusive* from the trainer's arrival (an armed sync waiting for its trainer does not hold it)
+until the new version is recorded. A waiting
 sync blocks new generation (so syncs never starve) and waits for running generation to finish (so no
 request has tokens from two versions: vLLM's engine core would otherwise run a request's remaining
 steps on the new weights once the load RPC returns). A response's version is read while its request
