@@ -23,6 +23,10 @@ class BroadcastTimeout(BroadcastError):
     """A blocking step passed its deadline; the group was aborted and must be replaced."""
 
 
+class RendezvousTimeout(RendezvousError, BroadcastTimeout):
+    """The rendezvous passed its deadline (rank 0 never hosted the store, or ranks never joined)."""
+
+
 class PeerLost(BroadcastError):
     """The backend failed (a peer died or the group was aborted elsewhere); the group must be replaced."""
 

@@ -46,7 +46,7 @@ from typing import Literal, TypeVar
 import torch
 import torch.distributed as dist
 
-from broadcaster.errors import BroadcastError, BroadcastTimeout, PeerLost, RendezvousError
+from broadcaster.errors import BroadcastError, BroadcastTimeout, PeerLost, RendezvousError, RendezvousTimeout
 
 Backend = Literal["gloo", "nccl"]
 _T = TypeVar("_T")
@@ -341,7 +341,7 @@ class Group:
             left = max(deadline - time.monotonic(), 1.0)  # the store answered: connecting is quick
             self._client = _store_client(self.host, self.port, left)
         except Exception as e:
-            raise RendezvousError(
+            raise RendezvousTimeout(
                 f"rank {self.rank} ({self.who}) waited {timeout_s:.1f} s for rank 0 to host the store "
                 f"at {self.where}: {e}"
             ) from e
@@ -467,7 +467,7 @@ class Group:
                 if ignored:
                     why = "did not prove the group secret" if self._key is not None else "were malformed"
                     message += f"; ignored {ignored} member entries that {why}"
-                self._rendezvous_failed(message, members, deadline)
+                self._rendezvous_failed(message, members, deadline, timed_out=True)
             time.sleep(0.01)
 
     def _secret_mismatch(self, members: list[dict[str, object]]) -> str | None:
@@ -485,8 +485,11 @@ class Group:
             f"{'does' if len(plain) == 1 else 'do'} not"
         )
 
-    def _rendezvous_failed(self, message: str, members: list[dict[str, object]], deadline: float) -> None:
-        """Publish the first failure (first writer wins), make sure peers can read it, raise it."""
+    def _rendezvous_failed(
+        self, message: str, members: list[dict[str, object]], deadline: float, timed_out: bool = False
+    ) -> None:
+        """Publish the first failure (first writer wins), make sure peers can read it, raise it (as a
+        `RendezvousTimeout` when this rank's own deadline passed, whichever rank's message won)."""
         if self._store_lost is None and self._store is not None:
             try:
                 message = self._store.compare_set(_ERROR_KEY, "", message).decode()
@@ -495,6 +498,8 @@ class Group:
                     self._linger_for_readers(members, deadline)
             except Exception:
                 pass  # the store is gone: the message we have is the best we can say
+        if timed_out:
+            raise RendezvousTimeout(message)
         raise RendezvousError(message)
 
     def _linger_for_readers(self, members: list[dict[str, object]], deadline: float) -> None:

@@ -31,6 +31,8 @@ class _Strict(BaseModel):
 class InitBroadcasterRequest(_Strict):
     """Join every worker of this server to the trainer's broadcast group."""
 
+    model_config = ConfigDict(hide_input_in_errors=True)  # a rejected `group_secret` is not echoed
+
     master_address: str = Field(min_length=1, max_length=253)
     master_port: int = Field(ge=1, le=65535)
     world_size: int = Field(ge=2, le=65536)
@@ -51,6 +53,14 @@ class InitBroadcasterRequest(_Strict):
         default=False,
         description="replace the live group of another trainer; that trainer's next call fails at once, "
         "naming the takeover",
+    )
+    group_secret: str | None = Field(
+        default=None,
+        min_length=32,
+        max_length=128,
+        pattern=r"^[0-9a-fA-F]+$",
+        repr=False,
+        description="hex secret of this group generation: only ranks proving it are admitted (never logged)",
     )
 
     @model_validator(mode="after")

@@ -193,6 +193,7 @@ class BroadcastReceiverMixin:
                 op_timeout_s=RECEIVER_OP_TIMEOUT_S,
                 timeout_s=req.rendezvous_timeout_s,
                 device=device,
+                secret=req.group_secret,
             )
         except BroadcastError as exc:
             return _result(False, "timeout" if isinstance(exc, BroadcastTimeout) else "bad_request", str(exc))

@@ -493,7 +493,7 @@ def test_world_size_mismatch_fails_fast_on_every_rank(cluster: Cluster) -> None:
 def test_missing_rank_hits_the_rendezvous_deadline_with_its_name(cluster: Cluster) -> None:
     results = cluster.run(rendezvous_missing_rank, ranks=[0, 1, 2], port=free_port())
     for (kind, message), took in results:
-        assert kind == "RendezvousError" and "for ranks [3] to join at 127.0.0.1:" in message
+        assert kind == "RendezvousTimeout" and "for ranks [3] to join at 127.0.0.1:" in message
         assert "waited 1.5 s" in message and took < 8.0
 
 

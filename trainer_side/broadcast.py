@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import threading
 import time
 import uuid
@@ -220,6 +221,7 @@ class WeightBroadcaster:
         sizes = _run_async(self._workers_per_server)
         offsets = [1 + sum(sizes[:i]) for i in range(len(sizes))]
         world = 1 + sum(sizes)
+        group_secret = secrets.token_hex(32)  # this generation's: only its ranks are admitted; never logged
         requests = [
             InitBroadcasterRequest(
                 master_address=c.master_address,
@@ -234,6 +236,7 @@ class WeightBroadcaster:
                 checksum=c.checksum,
                 trainer_id=self.trainer_id,
                 takeover=c.takeover,
+                group_secret=group_secret,
             )
             for off in offsets
         ]
@@ -273,6 +276,7 @@ class WeightBroadcaster:
                 backend=backend,
                 who="trainer",
                 timeout_s=c.rendezvous_timeout_s,
+                secret=group_secret,
             )
         except BroadcastError as exc:
             group_error = exc

@@ -1,10 +1,10 @@
 """Which of a model's weights hold NaN or infinity, found before a sync starts.
 
 A non-finite weight must never reach a server: once a byte of a sync is loaded, refusing it leaves the
-server torn. So the trainer checks every floating-point parameter (what the walker streams: this rank's
-local shard of a DTensor; buffers such as rotary tables are not sent) before it announces the sync, with one fused pass per (device, dtype)
-(`torch._foreach_norm` with ord=inf: NaN or inf in a tensor makes its norm non-finite) and one
-host sync; names are looked up only when something is wrong.
+server torn. So the trainer checks every floating-point parameter (what the walker streams: this
+rank's local shard of a DTensor; buffers such as rotary tables are not sent) before it announces the
+sync, with one fused pass per (device, dtype) (`torch._foreach_norm` with ord=inf: NaN or inf in a
+tensor makes its norm non-finite) and one host sync; names are looked up only when something is wrong.
 """
 
 from __future__ import annotations
