@@ -11,6 +11,7 @@ table. The check runs once per push before the sync is announced, so `check_s` a
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import platform
 import sys
@@ -19,10 +20,43 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+_ROOT = Path(__file__).resolve().parents[1]
+# Runs on a bare GPU image (torch and transformers, none of layercast's own dependencies): the module under
+# test imports torch only, so it is loaded from its file rather than through `trainer_side/__init__`.
+_spec = importlib.util.spec_from_file_location("layercast_finite", _ROOT / "trainer_side" / "finite.py")
+assert _spec is not None and _spec.loader is not None
+_finite = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_finite)
+nonfinite_tensors = _finite.nonfinite_tensors
 
-from bench.common import build_model, median, sync_cuda
-from trainer_side.finite import nonfinite_tensors
+# Qwen3 shapes (as bench/common.py's SHAPES, which imports the HTTP client and so needs pydantic).
+_SHAPES = {
+    "0.6b": dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                 num_attention_heads=16, num_key_value_heads=8, head_dim=128),
+    "8b": dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+               num_attention_heads=32, num_key_value_heads=8, head_dim=128),
+}  # fmt: skip
+
+
+def build_model(shape: str, device: torch.device) -> torch.nn.Module:
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    with torch.device("meta"):
+        model = Qwen3ForCausalLM(Qwen3Config(**_SHAPES[shape], tie_word_embeddings=False))
+    model = model.to_empty(device=device).to(torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    return model
+
+
+def median(xs: list[float]) -> float:
+    return sorted(xs)[len(xs) // 2]
+
+
+def sync_cuda() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def _timed(fn: object, repeats: int) -> float:
@@ -47,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     rows = []
     for shape in args.shapes.split(","):
-        model = build_model(shape, torch.bfloat16, device)
+        model = build_model(shape, device)
         params = [p for p in model.parameters()]
         nbytes = sum(p.numel() * p.element_size() for p in params)
         dst = [torch.empty_like(p) for p in params]
