@@ -230,6 +230,19 @@ def assert_on_version(server: ServerProcess, version: int) -> None:
     assert_serves(server.url, model_at(version))
 
 
+def arm_and_wait(*servers: ServerProcess, sync_id: str, version: int) -> list[BackgroundPost]:
+    """Arm `/update_weights` on every server (as an orchestrator does) and wait until each shows the
+    sync waiting for its trainer in `/weights`."""
+    body = {"sync_id": sync_id, "weights_version": version, "timeout_s": 60}
+    armed = [BackgroundPost(s.url + "/update_weights", body, TOKEN) for s in servers]
+    for s in servers:
+        deadline = time.monotonic() + 10
+        while status(s)["armed_sync_id"] != sync_id:
+            assert time.monotonic() < deadline, status(s)
+            time.sleep(0.02)
+    return armed
+
+
 def process_tree(server: ServerProcess) -> list[psutil.Process]:
     root = psutil.Process(server.proc.pid)
     return [root, *root.children(recursive=True)]
@@ -391,13 +404,8 @@ def test_an_armed_sync_never_blocks_generation(
     bc.pause_at = None
     bc.init()  # the servers are in the (exited) healer's group
     served = {s.url: str(status(s)["weights_version"]) for s in (a, b)}
-    body = {"sync_id": "armed-9", "weights_version": 9, "timeout_s": 60}
-    armed = [BackgroundPost(s.url + "/update_weights", body, TOKEN) for s in (a, b)]
+    armed = arm_and_wait(a, b, sync_id="armed-9", version=9)
     for s in (a, b):
-        deadline = time.monotonic() + 10
-        while status(s)["armed_sync_id"] != "armed-9":
-            assert time.monotonic() < deadline, status(s)
-            time.sleep(0.02)
         for _ in range(3):  # armed, no trainer yet: generation goes on at its own pace
             t0 = time.monotonic()
             r = completion(s)
@@ -430,13 +438,7 @@ def test_nonfinite_weights_never_reach_a_server(
     for s in (a, b):
         assert status(s) == before[s.url]  # never armed, nothing loaded
     # Armed by an orchestrator: the trainer cancels the sync and the servers answer at once.
-    body = {"sync_id": "nan-10", "weights_version": 10, "timeout_s": 60}
-    armed = [BackgroundPost(s.url + "/update_weights", body, TOKEN) for s in (a, b)]
-    for s in (a, b):
-        deadline = time.monotonic() + 10
-        while status(s)["armed_sync_id"] != "nan-10":
-            assert time.monotonic() < deadline, status(s)
-            time.sleep(0.02)
+    armed = arm_and_wait(a, b, sync_id="nan-10", version=10)
     t0 = time.monotonic()
     with pytest.raises(PushError, match="non-finite"):
         bc.push(_poisoned(10), 10, sync_id="nan-10", arm=False)
