@@ -56,6 +56,9 @@ _T = TypeVar("_T")
 # frozen or the network is cut; the bound is also what `abort()` may block its caller at most.
 STORE_OP_TIMEOUT_S = 3.0
 
+# How a rendezvous verdict that is a missed deadline starts: ranks that read it (rather than reaching
+# their own deadline first) raise `RendezvousTimeout` too.
+_DEADLINE = "rendezvous deadline: "
 _MEMBERS_KEY = "rdzv/members"
 _ACKS_KEY = "rdzv/acks"
 _ERROR_KEY = "rdzv/error"
@@ -435,7 +438,8 @@ class Group:
         while True:
             if self._op("checking the rendezvous verdict", lambda: store.check([_ERROR_KEY])):
                 verdict = self._op("reading the rendezvous verdict", lambda: store.get(_ERROR_KEY))
-                self._rendezvous_failed(verdict.decode(), [], deadline)
+                text = verdict.decode()
+                self._rendezvous_failed(text, [], deadline, timed_out=text.startswith(_DEADLINE))
             if (
                 not joined
                 and self._key is not None
@@ -459,7 +463,7 @@ class Group:
                     self._who0 = next(str(m["who"]) for m in members if m["rank"] == 0)
                     return
             if time.monotonic() >= deadline:
-                me = f"rank {self.rank} ({self.who}) waited {timeout_s:.1f} s"
+                me = f"{_DEADLINE}rank {self.rank} ({self.who}) waited {timeout_s:.1f} s"
                 if not joined:
                     message = f"{me} for rank 0 to publish the group nonce at {self.where}"
                 else:
