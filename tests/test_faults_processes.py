@@ -366,7 +366,7 @@ def test_frozen_trainer_never_wedges_a_server(servers: dict[str, ServerProcess],
     deadline, stays healthy and answers later calls with their own answers; a new trainer heals it,
     also while the old one runs again (SIGCONT) with its dead group."""
     a, b = servers["a"], servers["b"]
-    config = broadcaster_config(servers, work)
+    config = broadcaster_config(servers, work) | {"takeover": True}  # the `bc` fixture's group is live
     trainer = TrainerProcess(work, config, 7, "frozen-7", pause=True, arm=False)
     trainer.expect("JOINED", 120)
     body = {"sync_id": "frozen-7", "weights_version": 7, "timeout_s": STEP_TIMEOUT_S}
