@@ -214,14 +214,14 @@ def test_serve_admin_token_from_a_file_the_settings_the_env_or_the_flag(
     assert token == "file-token-123" and argv[:3] == ["/m", "--host", "0.0.0.0"]
     assert "--layercast-token-file" not in argv
     assert capsys.readouterr().err == ""  # neither needs a warning
-    monkeypatch.setenv("LAYERCAST_ADMIN_TOKEN", "env-token")
+    os.environ["LAYERCAST_ADMIN_TOKEN"] = "env-token"  # serve_spy restores the environment
     assert cli_main(exposed) == 0 and serve_spy[-1][1] == "env-token"
     assert (
         cli_main([*exposed, "--layercast-token-file", str(tf)]) == 0 and serve_spy[-1][1] == "file-token-123"
     )
     assert capsys.readouterr().err == ""
     # On the command line: works, but warns that `ps` shows it (without printing it).
-    monkeypatch.delenv("LAYERCAST_ADMIN_TOKEN")
+    del os.environ["LAYERCAST_ADMIN_TOKEN"]
     assert cli_main([*exposed, "--layercast-token", "flag-token"]) == 0
     argv, token = serve_spy[-1]
     assert token == "flag-token" and "flag-token" not in argv

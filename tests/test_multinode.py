@@ -236,7 +236,7 @@ def trainer_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     model = toy_model(toy_config("qwen3", torch.float32), seed=0)
 
-    def broadcaster(servers: list[str], port: int) -> WeightBroadcaster:
+    def broadcaster(servers: list[str], port: int, takeover: bool = False) -> WeightBroadcaster:
         return WeightBroadcaster(
             BroadcasterConfig(
                 servers=servers,
@@ -247,6 +247,7 @@ def trainer_main(argv: list[str]) -> int:
                 bucket_bytes=256 * 1024,
                 step_timeout_s=30,
                 rendezvous_timeout_s=60,
+                takeover=takeover,
             )
         )
 
@@ -292,7 +293,7 @@ def trainer_main(argv: list[str]) -> int:
     # Partial: only the first server gets sync "mn-partial" (through its own group); a retry of that id
     # over both servers must be refused, naming the second server.
     perturb_(model, STEPS + 1)
-    only_first = broadcaster(args.servers[:1], MASTER_PORT + 1)
+    only_first = broadcaster(args.servers[:1], MASTER_PORT + 1, takeover=True)  # a second trainer
     only_first.init()
     only_first.push(model, STEPS + 1, sync_id="mn-partial")
     only_first.close()
