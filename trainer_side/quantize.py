@@ -125,8 +125,9 @@ def _core(scheme: QuantScheme) -> Core:
 
 @cache
 def _compiled_vllm_block() -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-    # Compiled as vLLM compiles per_block_cast_to_fp8 (dynamic=True); measured bit-identical on CUDA
-    # to that compiled reference and to eager. One function object, so one recompile budget.
+    # Compiled as vLLM compiles per_block_cast_to_fp8 (dynamic=True). NOT always the eager bits: on an
+    # H200 (bench/results/2026-11-22-nvidia-h200-quant.txt) it differed from eager in 2 of 16.8M and 1
+    # of 4.2M fp8 bytes (scales equal); see docs/numerics.md. One function object, one recompile budget.
     return torch.compile(_vllm_block, dynamic=True)
 
 
@@ -305,7 +306,8 @@ def quantize_weight(
 
     `{"weight": fp8 (out, in), scheme.weight_scale_name: float32 scale}`; an unquantized scheme
     returns the weight itself. `compiled=True` runs the HF-fp8 block math through `torch.compile`
-    with the same bits (off by default: on H100 it measured no faster than eager). On CUDA,
+    (off by default: on H100 it measured no faster than eager; on CUDA it may differ from eager in a
+    few bytes per ten million, docs/numerics.md). On CUDA,
     HF-fp8 blocks (not ue8m0) run the fused Triton kernel of `fp8_kernels`, same bits. Bits follow the
     reference run on the same device: CUDA computes `t / 448.0` as `t * (1 / 448.0)`, CPU divides.
     `check_finite` raises `ValueError` on inf/NaN weights (seen in the scales, which any non-finite
