@@ -247,10 +247,13 @@ class WeightBroadcaster:
             except Exception as exc:
                 # A server that refused will never join: end the rendezvous now for every rank (unless
                 # ours is already over: then there is no store to tell, and connecting would only wait).
-                if not rendezvous_over.is_set():
-                    cancel_rendezvous(
-                        c.master_address, c.master_port, f"{client.base_url} refused to join: {exc}"
-                    )
+                # The refusal can come back before this thread's own store is up: retry until it is.
+                why = f"{client.base_url} refused to join: {exc}"
+                give_up = time.monotonic() + c.rendezvous_timeout_s
+                while not rendezvous_over.is_set() and time.monotonic() < give_up:
+                    if await asyncio.to_thread(cancel_rendezvous, c.master_address, c.master_port, why):
+                        break
+                    await asyncio.sleep(0.05)
                 raise
 
         async def call_all() -> list[InitBroadcasterResponse | BaseException]:
