@@ -12,6 +12,7 @@ from typing import Any
 
 from inference_worker import load_paths, vllm_compat
 from inference_worker.manifest_check import check_checkpoint_manifest
+from inference_worker.worker_results import CheckResult, WorkerResult, failure, runtime_layout
 from inference_worker.worker_rpc import tagged
 
 
@@ -24,7 +25,7 @@ class ManifestCheckMixin:
         load_path: str = "auto",
         checkpoint_manifest: list[list[Any]] | None = None,
         kernel_manifest: list[list[Any]] | None = None,
-    ) -> dict[str, Any]:
+    ) -> WorkerResult:
         model = vllm_compat.worker_model(self)
         try:
             # As `layercast_init`: the trainer has not announced a manifest at init time.
@@ -32,20 +33,17 @@ class ManifestCheckMixin:
             path, reason = load_paths.choose_load_path(model, load_path, None)
         except load_paths.LoadPathError as exc:
             path, reason = None, str(exc)
-        out: dict[str, Any] = {
-            "load_path": path,
-            "load_path_reason": reason,
-            "runtime_manifest": [
-                {"name": n, "dtype": d, "shape": list(s)} for n, d, s in load_paths.runtime_manifest(model)
-            ],
-            "checkpoint_problem": None,
-            "kernel_problem": None,
-        }
+        out = CheckResult(
+            ok=True,
+            load_path=path,  # type: ignore[arg-type]
+            load_path_reason=reason,
+            runtime_manifest=runtime_layout(load_paths.runtime_manifest(model)),
+        )
         try:
             if checkpoint_manifest is not None:
-                out["checkpoint_problem"] = check_checkpoint_manifest(model, checkpoint_manifest)
+                out.checkpoint_problem = check_checkpoint_manifest(model, checkpoint_manifest)
             if kernel_manifest is not None:
-                out["kernel_problem"] = load_paths.check_kernel_manifest(model, kernel_manifest)
+                out.kernel_problem = load_paths.check_kernel_manifest(model, kernel_manifest)
         except Exception as exc:  # a malformed entry: say so instead of failing the RPC
-            return {"ok": False, "error": f"manifest check failed: {type(exc).__name__}: {exc}"}
-        return {"ok": True, **out}
+            return failure("failed", f"manifest check failed: {type(exc).__name__}: {exc}")
+        return out

@@ -7,10 +7,10 @@ path and problems reported are the first worker's that has any (TP ranks hold di
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
-from configs.api import RuntimeTensor, WeightsStatus
+from configs.api import WeightsStatus
 from configs.check import CheckRequest, CheckResponse
+from inference_worker.worker_results import CheckResult
 from inference_worker.worker_rpc import WorkerRpc
 from rpc.errors import SyncFailed
 
@@ -24,24 +24,21 @@ class VllmDryRun:
 
     async def check(self, req: CheckRequest) -> CheckResponse:
         body = req.model_dump(mode="json")
-        results = await self._rpc.call("layercast_check", CHECK_RPC_TIMEOUT_S, **body)
+        results = await self._rpc.call("layercast_check", CHECK_RPC_TIMEOUT_S, CheckResult, **body)
         for rank, res in enumerate(results):
-            if not res.get("ok"):
-                raise SyncFailed(f"check failed on worker {rank}: {res.get('error')}", status_code=500)
+            if not res.ok:
+                raise SyncFailed(f"check failed on worker {rank}: {res.error}", status_code=500)
 
-        def first(key: str) -> Any:
-            return next((r[key] for r in results if r.get(key)), None)
-
-        refused = next((r for r in results if r["load_path"] is None), None)
+        refused = next((r for r in results if r.load_path is None), None)
         chosen = refused or results[0]
         status = self._status()
         return CheckResponse(
-            load_path=chosen["load_path"],
-            load_path_reason=chosen["load_path_reason"],
+            load_path=chosen.load_path,
+            load_path_reason=chosen.load_path_reason,
             num_workers=len(results),
             state=status.state,
             weights_version=status.weights_version,
-            runtime_manifest=[RuntimeTensor(**t) for t in results[0]["runtime_manifest"]],
-            checkpoint_problem=first("checkpoint_problem"),
-            kernel_problem=first("kernel_problem"),
+            runtime_manifest=results[0].runtime_manifest,
+            checkpoint_problem=next((r.checkpoint_problem for r in results if r.checkpoint_problem), None),
+            kernel_problem=next((r.kernel_problem for r in results if r.kernel_problem), None),
         )

@@ -2,7 +2,8 @@
 
 Every worker of the server runs the same `layercast_*` method of `LayercastWorkerExtension` through
 `WorkerRpc` (tagged, bounded `collective_rpc`: a late answer never reaches a later call); the worker
-never raises through the RPC (it returns a result dict with `ok`, `error`, `kind`, `torn`), so a failure
+never raises through the RPC (it answers a typed `worker_results` model: `ok`, `kind`, `error`,
+`torn`), so a failure
 is reported with its real cause rather than a generic engine error. A sync has two phases:
 - `wait_for_trainer`: poll the workers (store reads, no collective) until the trainer announces the
   sync; the engine keeps generating meanwhile, and the generation gate is not held;
@@ -16,25 +17,28 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from configs.api import (
     InitBroadcasterRequest,
     InitBroadcasterResponse,
-    RuntimeTensor,
     SyncTimings,
     UpdateWeightsRequest,
     UpdateWeightsResponse,
     WeightsStatus,
 )
+from inference_worker.worker_results import ErrorKind, InitResult, PollResult, ReceiveResult, WorkerResult
 from inference_worker.worker_rpc import WorkerRpc
 from rpc.errors import ApiError, BadRequest, Conflict, NotReady, SyncFailed, SyncTimedOut
 
 # Polling the workers for the trainer's announcement: first after this, doubling up to the cap.
 POLL_FIRST_S = 1e-3
 POLL_MAX_S = 20e-3
+# A poll is store reads on the worker (each bounded by the store's operation timeout).
+POLL_RPC_DEADLINE_S = 10.0
 
-_ERROR_KINDS: dict[str, type[ApiError]] = {
+_ERROR_KINDS: dict[ErrorKind, type[ApiError]] = {
     "bad_request": BadRequest,
     "refused": Conflict,
     "timeout": SyncTimedOut,
@@ -43,11 +47,11 @@ _ERROR_KINDS: dict[str, type[ApiError]] = {
 }
 
 
-def _raise_first_error(results: list[dict[str, Any]], what: str) -> None:
+def _raise_first_error(results: Sequence[WorkerResult], what: str) -> None:
     for rank, res in enumerate(results):
-        if not res.get("ok"):
-            kind = _ERROR_KINDS.get(str(res.get("kind")), SyncFailed)
-            raise kind(f"{what} failed on worker {rank}: {res.get('error')}")
+        if not res.ok:
+            kind = _ERROR_KINDS.get(res.kind or "failed", SyncFailed)
+            raise kind(f"{what} failed on worker {rank}: {res.error}")
 
 
 class VllmSyncBackend:
@@ -81,7 +85,7 @@ class VllmSyncBackend:
         if self._status.state == "syncing":
             raise Conflict("a sync is in progress")
         results = await self.rpc.call(
-            "layercast_init", req.rendezvous_timeout_s + 60.0, request=req.model_dump(mode="json")
+            "layercast_init", req.rendezvous_timeout_s + 60.0, InitResult, request=req.model_dump(mode="json")
         )
         try:
             _raise_first_error(results, "init_broadcaster")
@@ -91,22 +95,22 @@ class VllmSyncBackend:
             self._set(last_error=str(exc), state="failed" if self._status.state != "torn" else "torn")
             raise
         first = results[0]
+        assert first.load_path is not None  # an ok init names its path
         self._init = req
         state = "torn" if self._status.state == "torn" else "ready"
         self._set(
             state=state,
             scheme=req.scheme,
-            load_path=first["load_path"],
+            load_path=first.load_path,
             last_error=None,
             trainer_id=req.trainer_id,
         )
-        manifest = first.get("runtime_manifest")
         return InitBroadcasterResponse(
-            ranks=[int(r["rank"]) for r in results],
-            load_path=first["load_path"],
-            load_path_reason=first["load_path_reason"],
+            ranks=[int(r.rank or 0) for r in results],
+            load_path=first.load_path,
+            load_path_reason=first.load_path_reason,
             tensor_parallel_size=len(results),
-            runtime_manifest=[RuntimeTensor(**t) for t in manifest] if manifest else None,
+            runtime_manifest=first.runtime_manifest,
         )
 
     def _timeout_s(self, req: UpdateWeightsRequest) -> float:
@@ -137,12 +141,14 @@ class VllmSyncBackend:
         assert self._init is not None
         nap = POLL_FIRST_S
         while True:
-            results = await self.rpc.call("layercast_poll", self._init.step_timeout_s, sync_id=req.sync_id)
-            failed = [r for r in results if not r.get("ok")]
+            results = await self.rpc.call(
+                "layercast_poll", POLL_RPC_DEADLINE_S, PollResult, sync_id=req.sync_id
+            )
+            failed = [r for r in results if not r.ok]
             if failed:
-                self._set(last_error=str(failed[0].get("error")))
+                self._set(last_error=failed[0].error)
                 _raise_first_error(results, f"sync {req.sync_id}")
-            if all(r.get("announced") for r in results):
+            if all(r.announced for r in results):
                 return
             if time.monotonic() + nap > deadline:
                 raise SyncTimedOut(
@@ -168,6 +174,7 @@ class VllmSyncBackend:
             results = await self.rpc.call(
                 "layercast_receive",
                 timeout,
+                ReceiveResult,
                 sync_id=req.sync_id,
                 weights_version=req.weights_version,
                 timeout_s=timeout,
@@ -175,18 +182,18 @@ class VllmSyncBackend:
         except ApiError as exc:  # the engine itself failed (dead worker) or overran its deadline
             self._set(state="torn", last_error=f"worker RPC failed: {exc}")
             raise
-        torn = any(r.get("torn") for r in results)
-        failed = [r for r in results if not r.get("ok")]
+        torn = any(r.torn for r in results)
+        failed = [r for r in results if not r.ok]
         if failed:
             # Untouched weights keep serving; torn ones refuse generation until a full sync lands.
             state = "torn" if torn or self._before == "torn" else "ready"
             # last_sync_id stays the last sync that landed: a failed one can be retried under its id.
-            self._set(state=state, last_error=str(failed[0].get("error")))
+            self._set(state=state, last_error=failed[0].error)
             _raise_first_error(results, f"sync {req.sync_id}")
         # KV blocks computed with the old weights must not be reused by prefix caching.
         await self._engine.reset_prefix_cache()
         timings = SyncTimings(
-            **{k: max(float(r["timings"].get(k, 0.0)) for r in results) for k in SyncTimings.model_fields}
+            **{k: max(getattr(r.timings, k) for r in results) for k in SyncTimings.model_fields}
         )
         timings.total_s = max(timings.total_s, time.perf_counter() - started)
         self._set(
@@ -199,8 +206,8 @@ class VllmSyncBackend:
         return UpdateWeightsResponse(
             sync_id=req.sync_id,
             weights_version=req.weights_version,
-            load_path=results[0]["load_path"],
-            bytes_received=int(results[0]["bytes_received"]),
-            num_tensors=int(results[0]["num_tensors"]),
+            load_path=results[0].load_path or "layerwise",
+            bytes_received=results[0].bytes_received,
+            num_tensors=results[0].num_tensors,
             timings=timings,
         )

@@ -98,4 +98,3 @@ class LayercastEndpointPlugin:
             backend = VllmSyncBackend(engine_client)
             self.backend = backend
             self.dry_run = VllmDryRun(backend.rpc, backend.status)
-

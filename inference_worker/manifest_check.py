@@ -98,8 +98,16 @@ class _Model:
         buffers = set(model.state_dict(keep_vars=True)) - everything
         packed = {k: list(v) for k, v in (getattr(model, "packed_modules_mapping", None) or {}).items()}
         part_of = {part: name for name, parts in packed.items() for part in parts}
-        self = cls(params, aliases, buffers, dict(model.named_modules()), packed, part_of,
-                   vllm_compat.checkpoint_name_mapper(model), vllm_compat.skipped_checkpoint_substrings())
+        self = cls(
+            params,
+            aliases,
+            buffers,
+            dict(model.named_modules()),
+            packed,
+            part_of,
+            vllm_compat.checkpoint_name_mapper(model),
+            vllm_compat.skipped_checkpoint_substrings(),
+        )
         for layer_name, mod_name, mapping, tp in vllm_compat.expert_checkpoint_mappings(model):
             for param_prefix, weight_name, _expert_id, shard_id in mapping:
                 # vLLM: param = f"{layer_name}.{rest}" with weight_name replaced by param_prefix, minus
@@ -134,15 +142,18 @@ class _Model:
         parts = vname.split(".")
         for i, comp in enumerate(parts[:-1]):  # packing without a stacking mapper
             if comp in self.part_of:
-                fused = ".".join([*parts[:i], self.part_of[comp], *parts[i + 1:]])
+                fused = ".".join([*parts[:i], self.part_of[comp], *parts[i + 1 :]])
                 if fused in self.params:
                     return self._packed_target(name, fused, None)
         for i in range(1, len(parts)):
             mod = self.modules.get(".".join(parts[:i]))
             if mod is not None and vllm_compat.is_pipeline_placeholder(mod):
                 return None
-        return f"maps to {vname!r}, which is no parameter of the model" if vname != name else \
-            "no parameter of the model has this name"
+        return (
+            f"maps to {vname!r}, which is no parameter of the model"
+            if vname != name
+            else "no parameter of the model has this name"
+        )
 
     def _packed_target(self, name: str, vname: str, shard: Any) -> _Target:
         parts_of = self.packed.get(vname.split(".")[-2] if "." in vname else "", None)
@@ -165,7 +176,7 @@ class _Model:
                 return _Target(param_prefix + ".".join(parts[k:]), slot, None, shard_id)
         for ckpt, param_prefix, shard_id in self.fused_experts:
             if vname == ckpt or vname.startswith(ckpt + "."):
-                rest = vname[len(ckpt):].lstrip(".") or "weight"
+                rest = vname[len(ckpt) :].lstrip(".") or "weight"
                 return _Target(param_prefix + rest, ("fused",), None, shard_id)
         return None
 
@@ -176,8 +187,10 @@ def _dtype_problem(name: str, got: Any, want: torch.dtype) -> str | None:
         return f"{name}: unknown dtype {got!r}"
     if dt == want or (dt in PLAIN_FLOATS and want in PLAIN_FLOATS):
         return None
-    return f"{name}: dtype {str(dt).removeprefix('torch.')} cannot load into " \
-           f"{str(want).removeprefix('torch.')} (model parameter)"
+    return (
+        f"{name}: dtype {str(dt).removeprefix('torch.')} cannot load into "
+        f"{str(want).removeprefix('torch.')} (model parameter)"
+    )
 
 
 def _shape_problem(name: str, shape: tuple[int, ...], target: _Target, m: _Model) -> str | None:
@@ -193,8 +206,10 @@ def _shape_problem(name: str, shape: tuple[int, ...], target: _Target, m: _Model
         if len(want) <= 2 and len(shape) <= 1 and not exact:
             return None  # per-tensor scales: one scalar per expert (and shard)
         if len(shape) != len(want) - 1:
-            return f"{name}: rank {len(shape)}, expert parameter {target.param} {list(want)} needs " \
-                   f"{len(want) - 1}"
+            return (
+                f"{name}: rank {len(shape)}, expert parameter {target.param} {list(want)} needs "
+                f"{len(want) - 1}"
+            )
         local = list(want[1:])
         sdim = 0 if target.expert_shard in ("w1", "w3") else len(local) - 1
         if target.expert_shard in ("w1", "w3") and local:
@@ -216,8 +231,10 @@ def _shape_problem(name: str, shape: tuple[int, ...], target: _Target, m: _Model
     if part_rows is not None and target.part is not None:
         if exact and out_dim is not None:
             if shape[out_dim] != part_rows[target.part]:
-                return f"{name}: {shape[out_dim]} rows, part {target.part} of {target.param} takes " \
-                       f"{part_rows[target.part]}"
+                return (
+                    f"{name}: {shape[out_dim]} rows, part {target.part} of {target.param} takes "
+                    f"{part_rows[target.part]}"
+                )
             return _dims_problem(name, shape, local, out_dim, tp, True, target.param, skip=out_dim)
         return _dims_problem(name, shape, local, out_dim, tp, False, target.param, skip=out_dim)
     if kind == "vocab" and sdim is not None and vocab is not None and exact:
@@ -227,8 +244,16 @@ def _shape_problem(name: str, shape: tuple[int, ...], target: _Target, m: _Model
     return _dims_problem(name, shape, local, sdim, tp, exact, target.param)
 
 
-def _dims_problem(name: str, shape: tuple[int, ...], local: list[int], sdim: int | None, tp: int,
-                  exact: bool, param: str, skip: int | None = None) -> str | None:
+def _dims_problem(
+    name: str,
+    shape: tuple[int, ...],
+    local: list[int],
+    sdim: int | None,
+    tp: int,
+    exact: bool,
+    param: str,
+    skip: int | None = None,
+) -> str | None:
     if len(shape) != len(local):
         return f"{name}: shape {list(shape)} does not fit {param} (local {local})"
     for d, (got, have) in enumerate(zip(shape, local, strict=True)):
@@ -240,8 +265,9 @@ def _dims_problem(name: str, shape: tuple[int, ...], local: list[int], sdim: int
             ok = got == have
         if not ok:
             full = [x * tp if i == sdim else x for i, x in enumerate(local)]
-            return f"{name}: shape {list(shape)}, {param} needs {full}" + \
-                (f" (tp={tp}, dim {sdim} sharded)" if sdim is not None and tp > 1 else "")
+            return f"{name}: shape {list(shape)}, {param} needs {full}" + (
+                f" (tp={tp}, dim {sdim} sharded)" if sdim is not None and tp > 1 else ""
+            )
     return None
 
 

@@ -1,8 +1,8 @@
 """The network half of the worker extension: join the broadcast group, receive a sync, load it.
 
 `layercast_init` and `layercast_receive` run on every worker of a server through `collective_rpc`.
-They never raise through the RPC: each returns a plain dict (`ok`, `kind`, `error`, `torn`, ...) that
-`engine_backend` turns into an HTTP answer. Invariants:
+They never raise through the RPC: each returns a typed result (`worker_results`: `ok`, `kind`, `error`,
+`torn`, ...) that `engine_backend` turns into an HTTP answer. Invariants:
 - nothing is loaded before every rank accepted the header (names, shapes, dtypes, scheme, ids checked);
 - a worker whose load started and did not finish reports `torn=True` (the server then refuses to serve);
 - after a timeout or a lost peer the group is aborted; the next `/init_broadcaster` makes a fresh one
@@ -23,11 +23,19 @@ from broadcaster.errors import TAKEN_OVER, BroadcastError, BroadcastTimeout, Syn
 from broadcaster.group import Group
 from broadcaster.receiver import Receiver, view_bucket
 from broadcaster.timeouts import Timeouts
-from configs.api import InitBroadcasterRequest
+from configs.api import InitBroadcasterRequest, SyncTimings
 from configs.quant import QuantScheme
 from configs.wire import SyncHeader
 from inference_worker import load_paths, vllm_compat
 from inference_worker.manifest_check import check_checkpoint_manifest
+from inference_worker.worker_results import (
+    InitResult,
+    PollResult,
+    ReceiveResult,
+    WorkerResult,
+    failure,
+    runtime_layout,
+)
 from inference_worker.worker_rpc import tagged
 
 # Above every deadline we apply (header waits can be long between RL steps): our own deadline polling
@@ -35,10 +43,6 @@ from inference_worker.worker_rpc import tagged
 RECEIVER_OP_TIMEOUT_S = 24 * 3600.0
 MAX_BUCKET_ENV = "LAYERCAST_MAX_BUCKET_BYTES"
 DEFAULT_MAX_BUCKET_BYTES = 4 * 2**30
-
-
-def _result(ok: bool, kind: str = "", error: str = "", **extra: Any) -> dict[str, Any]:
-    return {"ok": ok, "kind": kind, "error": error, **extra}
 
 
 class _SyncState:
@@ -150,17 +154,16 @@ class BroadcastReceiverMixin:
     _layercast_sync: _SyncState | None = None
 
     @tagged
-    def layercast_init(self, request: dict[str, Any]) -> dict[str, Any]:
+    def layercast_init(self, request: dict[str, Any]) -> WorkerResult:
         try:
             req = InitBroadcasterRequest.model_validate(request)
         except ValueError as exc:
-            return _result(False, "bad_request", f"invalid init request: {exc}")
+            return failure("bad_request", f"invalid init request: {exc}")
         index, server_size = vllm_compat.worker_index(self)
         rank = req.rank_offset + index
         last = req.rank_offset + server_size - 1
         if last >= req.world_size:
-            return _result(
-                False,
+            return failure(
                 "bad_request",
                 f"this server has {server_size} workers needing ranks {req.rank_offset}..{last}, "
                 f"but world_size={req.world_size} only has ranks up to {req.world_size - 1}",
@@ -170,10 +173,10 @@ class BroadcastReceiverMixin:
             path, reason = load_paths.choose_load_path(model, req.load_path, None)
             max_bucket = max_bucket_bytes()
         except (load_paths.LoadPathError, ValueError) as exc:
-            return _result(False, "bad_request", str(exc))
+            return failure("bad_request", str(exc))
         owner = self._layercast_owner(req)
         if owner is not None:
-            return _result(False, "refused", owner)
+            return failure("refused", owner)
         device = vllm_compat.worker_device(self)
         backend = req.backend if req.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
         old = self._layercast_sync
@@ -196,16 +199,14 @@ class BroadcastReceiverMixin:
                 secret=req.group_secret,
             )
         except BroadcastError as exc:
-            return _result(False, "timeout" if isinstance(exc, BroadcastTimeout) else "bad_request", str(exc))
+            return failure("timeout" if isinstance(exc, BroadcastTimeout) else "bad_request", str(exc))
         self._layercast_sync = _SyncState(
             req, group, rank, path, range(req.rank_offset, last + 1), max_bucket
         )
-        manifest = None
-        if path == "kernel":
-            manifest = [
-                {"name": n, "dtype": d, "shape": list(s)} for n, d, s in load_paths.runtime_manifest(model)
-            ]
-        return _result(True, rank=rank, load_path=path, load_path_reason=reason, runtime_manifest=manifest)
+        manifest = runtime_layout(load_paths.runtime_manifest(model)) if path == "kernel" else None
+        return InitResult(
+            ok=True, rank=rank, load_path=path, load_path_reason=reason, runtime_manifest=manifest
+        )
 
     def _layercast_owner(self, req: InitBroadcasterRequest) -> str | None:
         """Why `req` may not replace this worker's group: another trainer's group is alive (its store
@@ -225,24 +226,22 @@ class BroadcastReceiverMixin:
         )
 
     @tagged
-    def layercast_poll(self, sync_id: str) -> dict[str, Any]:
+    def layercast_poll(self, sync_id: str) -> WorkerResult:
         """Has the trainer started sync `sync_id`? Store reads only: no collective is posted, so the
         engine keeps generating between polls. `announced` is True once it has; a cancellation by the
         trainer, or an aborted or lost group, is a failed result."""
         state = self._layercast_sync
         if state is None:
-            return _result(
-                False, "not_ready", "not joined to a broadcast group: call /init_broadcaster first"
-            )
+            return failure("not_ready", "not joined to a broadcast group: call /init_broadcaster first")
         try:
             said = announcement(state.group)
         except BroadcastError as exc:
-            return _result(False, "failed", f"{exc}; re-run /init_broadcaster", torn=False)
+            return failure("failed", f"{exc}; re-run /init_broadcaster")
         if said is None or (said.sync_id != sync_id and said.cancelled is not None):
-            return _result(True, announced=False)
+            return PollResult(ok=True, announced=False)
         if said.cancelled is not None:
-            return _result(False, "refused", f"the trainer cancelled sync {sync_id!r}: {said.cancelled}")
-        return _result(True, announced=True, announced_sync_id=said.sync_id)
+            return failure("refused", f"the trainer cancelled sync {sync_id!r}: {said.cancelled}")
+        return PollResult(ok=True, announced=True)
 
     def _layercast_check(
         self, header: SyncHeader, sync_id: str, version: int, scheme: QuantScheme
@@ -276,19 +275,17 @@ class BroadcastReceiverMixin:
         return problem
 
     @tagged
-    def layercast_receive(self, sync_id: str, weights_version: int, timeout_s: float) -> dict[str, Any]:
+    def layercast_receive(self, sync_id: str, weights_version: int, timeout_s: float) -> WorkerResult:
         """Receive and load sync `sync_id`, which the trainer has announced (`layercast_poll`). Every wait
         is bounded by the init's step deadline, and the whole sync by `timeout_s`: past it the group is
         aborted (the trainer learns it at once) and the result is a timeout."""
         state = self._layercast_sync
         if state is None:
-            return _result(
-                False, "not_ready", "not joined to a broadcast group: call /init_broadcaster first"
-            )
+            return failure("not_ready", "not joined to a broadcast group: call /init_broadcaster first")
         broken = state.group.broken
         if broken:
-            return _result(
-                False, "not_ready", f"the broadcast group was aborted ({broken}); re-run /init_broadcaster"
+            return failure(
+                "not_ready", f"the broadcast group was aborted ({broken}); re-run /init_broadcaster"
             )
         step = min(state.req.step_timeout_s, timeout_s)
         receiver = Receiver(
@@ -302,10 +299,10 @@ class BroadcastReceiverMixin:
                 lambda h: self._layercast_check(h, sync_id, weights_version, state.req.scheme)
             )
         except SyncRefused as exc:
-            return _result(False, "refused", str(exc), torn=False)
+            return failure("refused", str(exc))
         except BroadcastError as exc:
             kind = "timeout" if isinstance(exc, BroadcastTimeout) else "failed"
-            return _result(False, kind, f"{exc}; re-run /init_broadcaster", torn=False)
+            return failure(kind, f"{exc}; re-run /init_broadcaster")
         wait_s = time.perf_counter() - started
         stream: Iterator[tuple[str, torch.Tensor]] = _within(
             iter(incoming), state.group, time.monotonic() + timeout_s - wait_s, sync_id, timeout_s
@@ -323,7 +320,7 @@ class BroadcastReceiverMixin:
                 stats["copied_bytes"] = copies["copied_bytes"]
         except BroadcastError as exc:  # the wire failed mid-stream: the group is gone
             kind = "timeout" if isinstance(exc, BroadcastTimeout) else "failed"
-            return _result(False, kind, f"{exc}; re-run /init_broadcaster", torn=True)
+            return failure(kind, f"{exc}; re-run /init_broadcaster", torn=True)
         except Exception as exc:
             load_error = f"loading failed on rank {state.rank}: {type(exc).__name__}: {exc}"
         load_s = time.perf_counter() - t_load
@@ -332,34 +329,32 @@ class BroadcastReceiverMixin:
         except SyncFailed as exc:
             ours = [r for r in exc.reasons if r in state.server_ranks or r == 0]
             if ours or load_error:
-                return _result(False, "failed", str(exc), torn=True)
+                return failure("failed", str(exc), torn=True)
             # Only other servers failed: every tensor of ours arrived and loaded, so this server is
             # complete at the new version; the orchestrator learns of the others from them.
-            return _result(
-                True,
+            return ReceiveResult(
+                ok=True,
                 load_path=state.path,
                 bytes_received=incoming.header.total_bytes,
                 num_tensors=len(incoming.header.entries),
-                timings={"wait_s": wait_s, "load_s": load_s, "total_s": time.perf_counter() - started},
+                timings=SyncTimings(wait_s=wait_s, load_s=load_s, total_s=time.perf_counter() - started),
                 peer_error=str(exc),
-                torn=False,
             )
         except BroadcastError as exc:
             kind = "timeout" if isinstance(exc, BroadcastTimeout) else "failed"
-            return _result(False, kind, f"{exc}; re-run /init_broadcaster", torn=True)
-        timings = {
-            "wait_s": wait_s,
-            "receive_s": report.wait_s,
-            "load_s": load_s - report.wait_s,
-            "commit_s": report.commit_s,
-            "total_s": time.perf_counter() - started,
-        }
-        return _result(
-            True,
+            return failure(kind, f"{exc}; re-run /init_broadcaster", torn=True)
+        timings = SyncTimings(
+            wait_s=wait_s,
+            receive_s=report.wait_s,
+            load_s=load_s - report.wait_s,
+            commit_s=report.commit_s,
+            total_s=time.perf_counter() - started,
+        )
+        return ReceiveResult(
+            ok=True,
             load_path=state.path,
             bytes_received=report.payload_bytes,
             num_tensors=report.tensors,
             timings=timings,
             load_stats=stats,
-            torn=False,
         )

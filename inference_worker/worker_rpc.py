@@ -19,9 +19,14 @@ import functools
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
+from pydantic import ValidationError
+
+from inference_worker.worker_results import WorkerResult
 from rpc.errors import ApiError, SyncFailed
+
+R = TypeVar("R", bound=WorkerResult)
 
 # Added to a call's own deadline before the API side stops waiting for it (RPC round trips, the worker
 # noticing a lost peer through the store: see broadcaster.group's bounded store operations).
@@ -53,8 +58,8 @@ class WorkerRpc:
             return "the engine core is dead (vLLM reports it errored)"
         return None
 
-    async def call(self, method: str, deadline_s: float, **kwargs: Any) -> list[dict[str, Any]]:
-        """Run `method` on every worker; answers one result dict per worker (each echoing `call_id`).
+    async def call(self, method: str, deadline_s: float, result: type[R], **kwargs: Any) -> list[R]:
+        """Run `method` on every worker; answers one `result` per worker (each echoing `call_id`).
 
         Raises `WorkersBusy` (503) when an earlier call still runs or this one overruns
         `deadline_s + RPC_GRACE_S`, `SyncFailed` (502) when the engine itself fails or answers out of
@@ -83,25 +88,30 @@ class WorkerRpc:
                 f"{method}: the engine failed after {time.monotonic() - started:.1f} s{dead}: "
                 f"{type(exc).__name__}: {exc}"
             ) from exc
-        stale = [r.get("call_id") for r in results if not isinstance(r, dict) or r.get("call_id") != call_id]
+        try:
+            answers = [result.model_validate(r) for r in results]
+        except ValidationError as exc:
+            raise SyncFailed(f"{method}: a worker answered something unreadable: {exc}", 500) from exc
+        stale = [a.call_id for a in answers if a.call_id != call_id]
         if stale:
             self._broken = (
                 f"worker answers out of step: {method} (call {call_id}) received answers of calls {stale}; "
                 "restart this server"
             )
             raise SyncFailed(self._broken, status_code=500)
-        return results
+        return answers
 
     def _overrun_ended(self, call_id: str) -> None:
         if self._overrun is not None and call_id in self._overrun:
             self._overrun = None
 
 
-def tagged(method: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
-    """Worker side: accept the caller's `call_id` and echo it in the result dict."""
+def tagged(method: Callable[..., WorkerResult]) -> Callable[..., dict[str, Any]]:
+    """Worker side: accept the caller's `call_id`; answer the method's result, with that id, as the
+    JSON-mode dict `collective_rpc` can carry."""
 
     @functools.wraps(method)
     def run(self: Any, *args: Any, call_id: str = "", **kwargs: Any) -> dict[str, Any]:
-        return {**method(self, *args, **kwargs), "call_id": call_id}
+        return {**method(self, *args, **kwargs).model_dump(mode="json"), "call_id": call_id}
 
     return run

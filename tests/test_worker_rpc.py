@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from inference_worker import worker_rpc
+from inference_worker.worker_results import PollResult, WorkerResult
 from inference_worker.worker_rpc import WorkerRpc, WorkersBusy, tagged
 from rpc.errors import SyncFailed
 
@@ -34,7 +35,7 @@ class _Engine:
         self.calls.append(method)
         gate = self.release.setdefault(method, asyncio.Event())
         await gate.wait()
-        return [{"ok": True, "call_id": self.answer_with or call_id, "method": method}]
+        return [{"ok": True, "call_id": self.answer_with or call_id, "announced": method == "layercast_poll"}]
 
 
 def test_an_overrunning_call_is_reported_and_its_late_answer_stays_its_own(
@@ -46,10 +47,10 @@ def test_an_overrunning_call_is_reported_and_its_late_answer_stays_its_own(
         engine = _Engine()
         rpc = WorkerRpc(engine)
         with pytest.raises(WorkersBusy, match="still inside layercast_receive"):
-            await rpc.call("layercast_receive", 0.05)
+            await rpc.call("layercast_receive", 0.05, PollResult)
         assert "layercast_receive" in (rpc.health_problem() or "")
         with pytest.raises(WorkersBusy, match="layercast_check not started"):
-            await rpc.call("layercast_check", 1.0)
+            await rpc.call("layercast_check", 1.0, PollResult)
         assert engine.calls == ["layercast_receive"]  # the refused call never reached the engine
         engine.release["layercast_receive"].set()  # the late answer arrives: consumed by its own call
         for _ in range(100):
@@ -58,8 +59,9 @@ def test_an_overrunning_call_is_reported_and_its_late_answer_stays_its_own(
             await asyncio.sleep(0.01)
         assert rpc.health_problem() is None
         engine.release.setdefault("layercast_check", asyncio.Event()).set()
-        results = await rpc.call("layercast_check", 1.0)
-        assert results[0]["method"] == "layercast_check"
+        results = await rpc.call("layercast_check", 1.0, PollResult)
+        assert results == [PollResult(ok=True, call_id=results[0].call_id)] and results[0].call_id
+        assert engine.calls == ["layercast_receive", "layercast_check"]
 
     asyncio.run(run())
 
@@ -72,10 +74,10 @@ def test_an_answer_of_another_call_marks_the_server_broken() -> None:
         engine.release["layercast_poll"].set()
         rpc = WorkerRpc(engine)
         with pytest.raises(SyncFailed, match="out of step"):
-            await rpc.call("layercast_poll", 1.0)
+            await rpc.call("layercast_poll", 1.0, PollResult)
         assert "out of step" in (rpc.health_problem() or "")
         with pytest.raises(WorkersBusy):
-            await rpc.call("layercast_poll", 1.0)
+            await rpc.call("layercast_poll", 1.0, PollResult)
 
     asyncio.run(run())
 
@@ -83,7 +85,9 @@ def test_an_answer_of_another_call_marks_the_server_broken() -> None:
 def test_the_worker_side_echoes_the_call_id() -> None:
     class Worker:
         @tagged
-        def layercast_x(self, n: int) -> dict[str, Any]:
-            return {"ok": True, "n": n}
+        def layercast_x(self, announced: bool) -> WorkerResult:
+            return PollResult(ok=True, announced=announced)
 
-    assert Worker().layercast_x(3, call_id="abc") == {"ok": True, "n": 3, "call_id": "abc"}
+    answer = Worker().layercast_x(True, call_id="abc")
+    assert PollResult.model_validate(answer) == PollResult(ok=True, announced=True, call_id="abc")
+    assert Worker().layercast_x(False)["call_id"] == ""  # an untagged caller (tests, vLLM's dev route)
