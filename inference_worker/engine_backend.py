@@ -32,9 +32,12 @@ from inference_worker.worker_results import ErrorKind, InitResult, PollResult, R
 from inference_worker.worker_rpc import WorkerRpc
 from rpc.errors import ApiError, BadRequest, Conflict, NotReady, SyncFailed, SyncTimedOut
 
-# Polling the workers for the trainer's announcement: first after this, doubling up to the cap.
+# Polling the workers for the trainer's announcement: first after this, doubling up to the cap. The cap
+# bounds what an armed sync adds to a sync's fixed cost (a 20 ms cap measured +30 ms per small sync on
+# CPU, 5 ms +13 ms: bench/results/2026-12-07-cpu-demo-fixed-cost-ab.txt) against at most 200 polls a second
+# while armed (each a utility call between engine steps).
 POLL_FIRST_S = 1e-3
-POLL_MAX_S = 20e-3
+POLL_MAX_S = 5e-3
 # A poll is store reads on the worker (each bounded by the store's operation timeout).
 POLL_RPC_DEADLINE_S = 10.0
 
