@@ -3,8 +3,8 @@
 Every worker of the server runs the same `layercast_*` method of `LayercastWorkerExtension` through
 `WorkerRpc` (tagged, bounded `collective_rpc`: a late answer never reaches a later call); the worker
 never raises through the RPC (it answers a typed `worker_results` model: `ok`, `kind`, `error`,
-`torn`), so a failure
-is reported with its real cause rather than a generic engine error. A sync has two phases:
+`torn`), so a failure is reported with its real cause rather than a generic engine error. A sync has
+two phases:
 - `wait_for_trainer`: poll the workers (store reads, no collective) until the trainer announces the
   sync; the engine keeps generating meanwhile, and the generation gate is not held;
 - `update_weights`: one `layercast_receive` RPC that checks the header, votes, receives and loads.
@@ -206,10 +206,12 @@ class VllmSyncBackend:
             last_timings=timings,
             last_error=None,
         )
+        load_path = results[0].load_path
+        assert load_path is not None  # an ok receive names the path it loaded by
         return UpdateWeightsResponse(
             sync_id=req.sync_id,
             weights_version=req.weights_version,
-            load_path=results[0].load_path or "layerwise",
+            load_path=load_path,
             bytes_received=results[0].bytes_received,
             num_tensors=results[0].num_tensors,
             timings=timings,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from rpc.middleware import ASGIApp, Receive, Scope, Send, _answer
+from rpc.middleware import ASGIApp, Receive, Scope, Send, answer_json
 
 
 class HealthGuard:
@@ -19,6 +19,6 @@ class HealthGuard:
         if scope["type"] == "http" and scope["path"] == "/health":
             problem = self.problem()
             if problem is not None:
-                await _answer(send, 503, {"error": "Unhealthy", "detail": problem}, [])
+                await answer_json(send, 503, {"error": "Unhealthy", "detail": problem}, [])
                 return
         await self.app(scope, receive, send)

@@ -56,7 +56,9 @@ GENERATION_PATHS: tuple[str, ...] = (
 )
 
 
-async def _answer(send: Send, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]]) -> None:
+async def answer_json(
+    send: Send, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]]
+) -> None:
     payload = json.dumps(body).encode()
     length = (b"content-length", str(len(payload)).encode())
     start = [(b"content-type", b"application/json"), length, *headers]
@@ -110,7 +112,7 @@ class AdminGuard:
         }
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await _answer(send, 413, too_big, [(b"connection", b"close")])
+            await answer_json(send, 413, too_big, [(b"connection", b"close")])
             return
         # Buffer (at most the limit) so chunked bodies without a length are bounded too, then replay.
         chunks: list[bytes] = []
@@ -122,7 +124,7 @@ class AdminGuard:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
-                await _answer(send, 413, too_big, [(b"connection", b"close")])
+                await answer_json(send, 413, too_big, [(b"connection", b"close")])
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -160,7 +162,7 @@ class GenerationGate:
             if status.state == "torn":
                 reason = status.last_error or "a sync failed after loading began"
                 detail = f"weights are torn: {reason}; generation resumes when a complete sync lands"
-                await _answer(send, 503, {"error": "ModelTorn", "detail": detail}, [])
+                await answer_json(send, 503, {"error": "ModelTorn", "detail": detail}, [])
                 return
             version = "initial" if status.weights_version is None else str(status.weights_version)
             tag = (VERSION_HEADER.lower().encode(), version.encode())
