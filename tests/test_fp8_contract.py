@@ -31,10 +31,11 @@ from trainer_side.quantize import _vllm_block
 
 ROOT = Path(__file__).resolve().parents[1]
 B = 128
-# The contract's allowance for vLLM's compiled function (docs/numerics.md, section 2). PROVISIONAL: set from
-# layercast's own inductor compile of the same body on H200 (3 bytes in 21M elements, 2026-11-22) until a
-# GPU run of bench/fp8_contract_bench.py against vLLM's own function replaces it.
-COMPILED_MAX_PER_MILLION = 1.0
+# The contract's allowance for vLLM's compiled function (docs/numerics.md, section 2), from R2 (H100,
+# 2026-12-07, vLLM 0.26.0 installed): vLLM's compiled function differs from its OWN eager body by up to 7,077
+# bytes in 67.1M (105 per million, Student-t df=1), all adjacent codes at most 2 ulps from a tie; the cause is
+# inductor's approximate float32 1/sf (the bench's `model:` rows reproduce the compiled bytes exactly).
+COMPILED_MAX_PER_MILLION = 128.0
 COMPILED_MAX_ULPS = 4
 needs_gpu = pytest.mark.skipif(
     not fp8_kernels.available(), reason="needs a CUDA GPU with FP8 conversions (sm_89+) and Triton"
