@@ -47,8 +47,9 @@ import torch
 import torch.distributed as dist
 
 from broadcaster.errors import BroadcastError, BroadcastTimeout, PeerLost, RendezvousError, RendezvousTimeout
+from broadcaster.shared_wire import SharedWire, SharedWireError, device_identity
 
-Backend = Literal["gloo", "nccl"]
+Backend = Literal["gloo", "nccl", "ipc"]
 _T = TypeVar("_T")
 
 # One store operation (a request and its answer) may take this long before rank 0 counts as lost. The
@@ -186,6 +187,30 @@ def _find_problem(members: list[dict[str, object]], where: str) -> str | None:
     return None
 
 
+def _transport_problem(members: list[dict[str, object]], where: str) -> str | None:
+    """Ranks that asked for different backends, or `ipc` ranks not on rank 0's device, named; or None."""
+    by_backend: dict[str, list[dict[str, object]]] = {}
+    for m in members:
+        by_backend.setdefault(str(m.get("backend", "")), []).append(m)
+    if len(by_backend) > 1:
+        parts = [f"{_describe(ms)} asked for {b or '(unknown)'}" for b, ms in sorted(by_backend.items())]
+        return f"backend disagreement at {where}: " + ", ".join(parts)
+    if "ipc" not in by_backend:
+        return None
+    first = [m for m in members if m["rank"] == 0]
+    if not first:
+        return None
+    home = str(first[0].get("device", ""))
+    away = [m for m in members if str(m.get("device", "")) != home]
+    if not away:
+        return None
+    elsewhere = ", ".join(f"{_describe([m])} is on {m.get('device') or '(unknown)'}" for m in away)
+    return (
+        f"the ipc backend needs every rank on rank 0's device ({home}) at {where}: {elsewhere}; "
+        "use nccl (or gloo) for servers on other devices"
+    )
+
+
 def cancel_rendezvous(host: str, port: int, reason: str, generation: int = 0, timeout_s: float = 5.0) -> bool:
     """Fail a rendezvous in progress at host:port from outside it (e.g. the trainer learned over HTTP
     that a server refused to join): every rank waiting in it raises `RendezvousError(reason)` at once
@@ -257,8 +282,8 @@ class Group:
     ) -> None:
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
-        if backend not in ("gloo", "nccl"):
-            raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
+        if backend not in ("gloo", "nccl", "ipc"):
+            raise ValueError(f"backend must be 'gloo', 'nccl' or 'ipc', got {backend!r}")
         if secret is not None and not secret:
             raise ValueError("secret must not be empty (pass None for no secret)")
         self.host, self.port, self.world_size, self.rank = host, port, world_size, rank
@@ -268,8 +293,13 @@ class Group:
         self.where = f"{host}:{port} (generation {generation})"
         if backend == "gloo":
             self.device = torch.device("cpu")
+        elif backend == "ipc" and device is None:
+            cuda = torch.cuda.is_available()
+            self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
         else:
             self.device = device or torch.device("cuda", torch.cuda.current_device())
+        # ipc: the physical device every rank must share (compared at rendezvous)
+        self.device_id = device_identity(self.device) if backend == "ipc" else ""
         self._key = secret.encode() if isinstance(secret, str) else secret
         self._nonce: str | None = None
         self._who0 = "trainer" if rank == 0 else "the trainer"  # rank 0's `who`, once it is known
@@ -281,6 +311,7 @@ class Group:
         self._client: dist.TCPStore | None = None
         self._store: dist.Store | None = None
         self._pg: dist.ProcessGroupGloo | dist.ProcessGroupNCCL | None = None
+        self._wire: SharedWire | None = None
         deadline = time.monotonic() + timeout_s
         try:
             self._connect(timeout_s, deadline)
@@ -384,6 +415,8 @@ class Group:
             "world_size": self.world_size,
             "who": self.who,
             "id": uuid.uuid4().hex,
+            "backend": self.backend,
+            "device": self.device_id,
         }
         if self._key is None:
             me |= {"pid": os.getpid(), "host": socket.gethostname()}
@@ -458,7 +491,11 @@ class Group:
             if joined:
                 raw = self._op("reading the members", lambda: store.get(_MEMBERS_KEY)).decode()
                 members, ignored = self._admit(raw)
-                problem = self._secret_mismatch(members) or _find_problem(members, self.where)
+                problem = (
+                    self._secret_mismatch(members)
+                    or _find_problem(members, self.where)
+                    or _transport_problem(members, self.where)
+                )
                 if problem is not None:
                     self._rendezvous_failed(problem, members, deadline)
                 present = {int(str(m["rank"])) for m in members}
@@ -532,9 +569,11 @@ class Group:
     def _create_backend(self, deadline: float, op_timeout_s: float) -> None:
         assert self._store is not None
         pg_store = dist.PrefixStore("pg/", self._store)
-        pg: dist.ProcessGroupGloo | dist.ProcessGroupNCCL
+        pg: dist.ProcessGroupGloo | dist.ProcessGroupNCCL | None = None
         try:
-            if self.backend == "gloo":
+            if self.backend == "ipc":
+                self._wire = SharedWire(self.store, self.rank, self.world_size, self.device, self.device_id)
+            elif self.backend == "gloo":
                 pg = dist.ProcessGroupGloo(
                     pg_store, self.rank, self.world_size, _td(deadline - time.monotonic())
                 )
@@ -558,9 +597,27 @@ class Group:
             raise RendezvousError(f"rendezvous at {self.where} failed after all ranks joined: {e}") from e
         if int(probe.item()) != self.world_size:
             raise RendezvousError(f"warm-up all_reduce gave {int(probe.item())}, expected {self.world_size}")
+        if self._wire is not None:
+            self._probe_shared_slot(deadline)
         self._formed = True
         if self._client is not None:  # store gets wait for a key at most this long (ours exist already)
             self._client.set_timeout(_td(STORE_OP_TIMEOUT_S))
+
+    def _probe_shared_slot(self, deadline: float) -> None:
+        """ipc: one broadcast through a shared slot, so a rank that cannot map rank 0's memory (another
+        device after all, another user, no /dev/shm) fails the rendezvous, not the first sync."""
+        pattern = torch.arange(64, dtype=torch.uint8, device=self.device)
+        if self.rank == 0:
+            buf = self.bucket_buffers(64, 1)[0]
+            buf.copy_(pattern)
+        else:
+            buf = torch.zeros(64, dtype=torch.uint8, device=self.device)
+        try:
+            self.wait(self.broadcast(buf), max(deadline - time.monotonic(), 1.0), "the shared-memory probe")
+        except (BroadcastError, SharedWireError) as e:
+            raise RendezvousError(f"rendezvous at {self.where}: shared memory does not work: {e}") from e
+        if not torch.equal(buf, pattern):
+            raise RendezvousError(f"rendezvous at {self.where}: the shared-memory probe read wrong bytes")
 
     # ---------------------------------------------------------------- collectives
 
@@ -590,12 +647,25 @@ class Group:
             late = self._op("reading the rendezvous error", lambda: store.get(_ERROR_KEY)).decode()
             self._fail(RendezvousError(late))
 
+    def bucket_buffers(self, nbytes: int, count: int) -> list[torch.Tensor]:
+        """Rank 0's buffers to pack `count` buckets of up to `nbytes` into: fresh tensors, or on the `ipc`
+        backend the shared slots themselves (so a bucket goes out without a copy)."""
+        if self._wire is not None:
+            return self._wire.buffers(nbytes, count)
+        return [torch.empty(nbytes, dtype=torch.uint8, device=self.device) for _ in range(count)]
+
     def broadcast(self, tensor: torch.Tensor, root: int = 0) -> dist.Work:
+        if self._wire is not None:
+            self._backend_usable()
+            return self._wire.broadcast(tensor)  # type: ignore[return-value]
         opts = dist.BroadcastOptions()
         opts.rootRank, opts.rootTensor, opts.asyncOp = root, 0, True
         return self._backend().broadcast([tensor], opts)
 
     def all_reduce(self, tensor: torch.Tensor, op: dist.ReduceOp.RedOpType) -> dist.Work:
+        if self._wire is not None:
+            self._backend_usable()
+            return self._wire.all_reduce(tensor, op)  # type: ignore[return-value]
         opts = dist.AllreduceOptions()
         opts.reduceOp, opts.asyncOp = op, True
         return self._backend().allreduce([tensor], opts)
@@ -648,6 +718,10 @@ class Group:
         self.abort(str(error))
         raise error
 
+    def _backend_usable(self) -> None:
+        if self._broken is not None:
+            raise PeerLost(f"rank {self.rank}: the group at {self.where} was aborted: {self._broken}")
+
     def _backend(self) -> dist.ProcessGroupGloo | dist.ProcessGroupNCCL:
         if self._broken is not None:
             raise PeerLost(f"rank {self.rank}: the group at {self.where} was aborted: {self._broken}")
@@ -689,6 +763,9 @@ class Group:
             except Exception:
                 _PARKED.append(self._pg)
             self._pg = None
+        if self._wire is not None:
+            self._wire.close(linger_s=0.0 if self._broken else 2.0)
+            self._wire = None
         self._broken = self._broken or "closed"
         self._client = None
         self._server = None  # the backend holds only client stores, so this frees the port

@@ -93,9 +93,7 @@ class TensorPacker:
     """The `BucketSource` of an iterator of `(name, tensor)` in manifest order: each tensor is checked
     against its manifest entry, then its bytes are copied into the buckets its pieces name."""
 
-    def __init__(
-        self, it: Iterator[tuple[str, torch.Tensor]], header: SyncHeader, plan: BucketPlan
-    ) -> None:
+    def __init__(self, it: Iterator[tuple[str, torch.Tensor]], header: SyncHeader, plan: BucketPlan) -> None:
         self.it, self.entries, self.plan = it, header.entries, plan
         self.current: torch.Tensor | None = None
         self.produced = 0
@@ -208,7 +206,7 @@ class Sender:
         `accepted()` runs after bucket 0 is filled and before anything is broadcast (it raises
         `SyncRefused` on a refusal: nothing was sent, the group stays usable)."""
         g, sizes = self.group, header.bucket_sizes
-        bufs = [torch.empty(header.max_bucket_size, dtype=torch.uint8, device=g.device) for _ in sizes[:2]]
+        bufs = g.bucket_buffers(header.max_bucket_size, min(2, len(sizes)))
         in_flight: list[object | None] = [None, None]
         zeroed = [False, False]
         error: Exception | None = None

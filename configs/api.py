@@ -14,7 +14,7 @@ from configs.quant import QuantScheme
 
 LoadPath = Literal["kernel", "checkpoint", "layerwise"]
 LoadPathRequest = Literal["auto", "kernel", "checkpoint", "layerwise"]
-Backend = Literal["auto", "nccl", "gloo"]
+Backend = Literal["auto", "nccl", "gloo", "ipc"]
 ServerState = Literal["uninitialized", "ready", "syncing", "torn", "failed"]
 
 _SYNC_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
@@ -39,7 +39,11 @@ class InitBroadcasterRequest(_Strict):
     rank_offset: int = Field(ge=1, description="rank of this server's first worker (TP rank 0)")
     scheme: QuantScheme = QuantScheme()
     load_path: LoadPathRequest = "auto"
-    backend: Backend = "auto"
+    backend: Backend = Field(
+        default="auto",
+        description="nccl (GPU), gloo (CPU), or ipc: trainer and every server worker on ONE device "
+        "(colocated), buckets through shared memory (CUDA IPC / /dev/shm); auto: nccl on GPU, else gloo",
+    )
     rendezvous_timeout_s: float = Field(default=120.0, gt=0, le=3600)
     step_timeout_s: float = Field(default=120.0, gt=0, le=3600)
     checksum: bool = False

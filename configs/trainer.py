@@ -21,7 +21,11 @@ class BroadcasterConfig(BaseModel):
     inference_config: str | dict[str, Any]
     master_address: str = "127.0.0.1"
     master_port: int = Field(default=29551, ge=1, le=65535)
-    backend: Backend = "auto"
+    backend: Backend = Field(
+        default="auto",
+        description="nccl (GPU), gloo (CPU), or ipc: trainer and every server worker on ONE device "
+        "(colocated), buckets through shared memory (CUDA IPC / /dev/shm); auto: nccl on GPU, else gloo",
+    )
     load_path: LoadPathRequest = "auto"
     bucket_bytes: int = Field(default=DEFAULT_BUCKET_BYTES, ge=1024)
     rendezvous_timeout_s: float = Field(default=120.0, gt=0)

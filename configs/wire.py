@@ -82,3 +82,46 @@ class SyncHeader(BaseModel):
     @property
     def max_bucket_size(self) -> int:
         return max(self.bucket_sizes, default=0)
+
+
+class SharedBufferHandle(BaseModel):
+    """Where another process on the same device finds a buffer the sender shares with it (the `ipc`
+    backend): plain typed fields, never a pickled object. `kind` says which fields matter:
+    `cuda_ipc` a CUDA IPC memory handle (the allocation's handle, the buffer's offset in it, and torch's
+    producer-side reference counter, as `torch.UntypedStorage._share_cuda_()` gives them);
+    `cpu_shm` a file under /dev/shm mapped shared by both sides."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: str = Field(pattern="^(cuda_ipc|cpu_shm)$")
+    device_id: str = Field(min_length=1)
+    nbytes: int = Field(gt=0)
+    path: str = ""
+    handle_b64: str = ""
+    storage_bytes: int = Field(default=0, ge=0)
+    offset_bytes: int = Field(default=0, ge=0)
+    ref_counter_b64: str = ""
+    ref_counter_offset: int = Field(default=0, ge=0)
+    event_b64: str = ""
+    event_sync_required: bool = False
+
+
+class SharedSlots(BaseModel):
+    """One generation of the sender's shared bucket slots (published once, re-published when they grow)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    generation: int = Field(ge=0)
+    slots: tuple[SharedBufferHandle, ...]
+
+
+class SharedBroadcast(BaseModel):
+    """What rank 0 publishes for its n-th broadcast on the `ipc` backend: the bytes themselves when small
+    (`inline_b64`), else which slot of which slot generation holds them."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    nbytes: int = Field(ge=0)
+    inline_b64: str | None = None
+    generation: int = Field(default=0, ge=0)
+    slot: int = Field(default=0, ge=0)

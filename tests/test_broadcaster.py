@@ -1,4 +1,5 @@
-"""The broadcaster end to end: real worker processes, real Gloo groups over real TCP, bit-exact checks.
+"""The broadcaster end to end: real worker processes, real Gloo groups over real TCP, bit-exact checks;
+the protocol scenarios run again on the colocated `ipc` backend (buckets through /dev/shm).
 
 Four long-lived spawned workers play rank 0 (trainer) and ranks 1-3 (server A holds ranks 1-2, server B
 rank 3); each scenario sends one function per rank and collects what it returned or raised.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import glob
 import multiprocessing as mp
 import os
 import re
@@ -89,12 +91,25 @@ def header(
     return make_header(specs, sync_id=sync_id, weights_version=version, bucket_size=bucket, checksum=checksum)
 
 
+_BACKEND = ["gloo"]  # set per scenario by `on_backend` inside the worker
+
+
+def on_backend(rank: int, scenario: Callable[..., Any], backend: str, **kwargs: Any) -> Any:
+    """Run `scenario` with every group it forms on `backend`."""
+    _BACKEND[0] = backend
+    try:
+        return scenario(rank=rank, **kwargs)
+    finally:
+        _BACKEND[0] = "gloo"
+
+
 def group(rank: int, port: int, world: int = WORLD, generation: int = 0, timeout_s: float = 15.0) -> Group:
     return Group(
         "127.0.0.1",
         port,
         world,
         rank,
+        backend=_BACKEND[0],  # type: ignore[arg-type]
         who=WHO.get(rank, f"rank {rank}"),
         timeout_s=timeout_s,
         generation=generation,
@@ -437,8 +452,11 @@ def free_port() -> int:
 # ------------------------------------------------------------------ tests
 
 
-def test_stream_of_mixed_tensors_arrives_bit_exact(cluster: Cluster) -> None:
-    reports = cluster.run(roundtrip, port=free_port())  # receivers assert every byte themselves
+@pytest.mark.parametrize("backend", ["gloo", "ipc"])
+def test_stream_of_mixed_tensors_arrives_bit_exact(cluster: Cluster, backend: str) -> None:
+    reports = cluster.run(
+        on_backend, scenario=roundtrip, backend=backend, port=free_port()
+    )  # receivers assert every byte themselves
     sent = reports[0][0]
     assert sent.buckets >= 8 and sent.tensors == len(SPECS) and sent.peak_buffer_bytes == 2 * BUCKET
     for rank_reports in reports[1:]:
@@ -452,16 +470,18 @@ def test_stream_of_mixed_tensors_arrives_bit_exact(cluster: Cluster) -> None:
             assert rep.peak_buffer_bytes == RING * BUCKET + biggest
 
 
-def test_one_refusal_refuses_everywhere_and_the_group_stays_usable(cluster: Cluster) -> None:
-    results = cluster.run(refusal_then_success, port=free_port())
+@pytest.mark.parametrize("backend", ["gloo", "ipc"])
+def test_one_refusal_refuses_everywhere_and_the_group_stays_usable(cluster: Cluster, backend: str) -> None:
+    results = cluster.run(on_backend, scenario=refusal_then_success, backend=backend, port=free_port())
     for rank, (refused, report) in enumerate(results):
         assert refused[0] == "SyncRefused", rank
         assert "rank(s) [2]" in refused[1] and "weights_version 1 is older than loaded 5" in refused[1]
         assert report.tensors == len(SPECS)
 
 
-def test_failures_mid_stream_are_voted_and_the_next_sync_works(cluster: Cluster) -> None:
-    results = cluster.run(failures_then_success, port=free_port())
+@pytest.mark.parametrize("backend", ["gloo", "ipc"])
+def test_failures_mid_stream_are_voted_and_the_next_sync_works(cluster: Cluster, backend: str) -> None:
+    results = cluster.run(on_backend, scenario=failures_then_success, backend=backend, port=free_port())
     for rank, (failures, report) in enumerate(results):
         kinds = [f[0] for f in failures]
         raised, mismatch, consumer = (f[1] for f in failures)
@@ -476,8 +496,9 @@ def test_failures_mid_stream_are_voted_and_the_next_sync_works(cluster: Cluster)
         assert report.tensors == len(SPECS)
 
 
-def test_a_corrupted_bucket_fails_the_commit_naming_rank_and_bucket(cluster: Cluster) -> None:
-    results = cluster.run(checksum_mismatch, port=free_port())
+@pytest.mark.parametrize("backend", ["gloo", "ipc"])
+def test_a_corrupted_bucket_fails_the_commit_naming_rank_and_bucket(cluster: Cluster, backend: str) -> None:
+    results = cluster.run(on_backend, scenario=checksum_mismatch, backend=backend, port=free_port())
     for caught, report in results:
         assert caught[0] == "SyncFailed"
         assert "rank(s) [3]: rank 3: checksum mismatch in bucket(s) [1] of 8" in caught[1], caught
@@ -505,20 +526,47 @@ def test_missing_rank_hits_the_rendezvous_deadline_with_its_name(cluster: Cluste
         assert "waited 1.5 s" in message and took < 8.0
 
 
-def test_killed_sender_fails_every_receiver_in_time_then_a_fresh_group_works(cluster: Cluster) -> None:
+@pytest.mark.parametrize("backend", ["gloo", "ipc"])
+def test_killed_sender_fails_every_receiver_in_time_then_a_fresh_group_works(
+    cluster: Cluster, backend: str
+) -> None:
     port, bucket_s = free_port(), 5.0
-    cluster.submit(0, sender_dies, port=port)
+    cluster.submit(0, on_backend, scenario=sender_dies, backend=backend, port=port)
     for rank in (1, 2, 3):
-        cluster.submit(rank, receivers_survive_dead_sender, port=port, bucket_s=bucket_s)
+        cluster.submit(
+            rank,
+            on_backend,
+            scenario=receivers_survive_dead_sender,
+            backend=backend,
+            port=port,
+            bucket_s=bucket_s,
+        )
     assert cluster.collect(0)[0] == "died"
     cluster.spawn(0)
-    cluster.submit(0, sender_retry, port=port)
+    cluster.submit(0, on_backend, scenario=sender_retry, backend=backend, port=port)
     sent = cluster.collect(0)
     for rank in (1, 2, 3):
         (kind, message), took, report = cluster.collect(rank)
         assert kind in ("PeerLost", "BroadcastTimeout") and f"rank {rank}" in message, message
         assert took < bucket_s + 2.0
         assert report.payload_bytes == sent.payload_bytes
+    # the killed sender's /dev/shm files were unlinked (mapped by all) or swept by the next sender
+    assert glob.glob("/dev/shm/layercast-*") == []
+
+
+def rendezvous_backend_mismatch(rank: int, port: int) -> tuple[str, str]:
+    try:
+        on_backend(rank, group, "ipc" if rank == 0 else "gloo", port=port, timeout_s=20.0)
+    except BroadcastError as e:
+        return err(e)
+    raise AssertionError("rendezvous accepted a backend mismatch")
+
+
+def test_backend_disagreement_fails_the_rendezvous_naming_both(cluster: Cluster) -> None:
+    results = cluster.run(rendezvous_backend_mismatch, port=free_port())
+    for kind, message in results:
+        assert kind == "RendezvousError" and "backend disagreement" in message, message
+        assert "rank 0 (trainer) asked for ipc" in message and "asked for gloo" in message
 
 
 def test_sender_deadline_aborts_everyone_and_the_same_processes_reform(cluster: Cluster) -> None:

@@ -1,4 +1,5 @@
-"""Every load path end to end: trainer → Gloo → `layercast serve` → generation equal to the reference.
+"""Every load path end to end: trainer → Gloo or the colocated `ipc` backend (shared memory) → `layercast
+serve` → generation equal to the reference.
 
 One server for the module (CPU build with vLLM's plain `F.linear` fallback, so runtime weights stay
 plain tensors as on GPU and the checkpoint and kernel paths are valid); each test re-inits with its path.
@@ -6,6 +7,7 @@ plain tensors as on GPU and the checkpoint and kernel paths are valid); each tes
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 
 import httpx
@@ -21,6 +23,8 @@ from trainer_side.kernel_layout import KernelLayoutError, fuse_specs
 from trainer_side.toy_models import perturb_, toy_config, toy_model
 
 pytestmark = pytest.mark.slow
+# One server for every case: versions only move forward (an older one is refused, 409).
+_VERSIONS = itertools.count(1)
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +45,10 @@ def server(
     proc.stop()
 
 
+@pytest.mark.parametrize("backend", ["gloo", "ipc"])
 @pytest.mark.parametrize("path", ["kernel", "checkpoint", "layerwise"])
 def test_path_syncs_and_serves_the_new_weights(
-    server: ServerProcess, trainer_model: torch.nn.Module, path: str
+    server: ServerProcess, trainer_model: torch.nn.Module, path: str, backend: str
 ) -> None:
     bc = WeightBroadcaster(
         BroadcasterConfig(
@@ -51,16 +56,18 @@ def test_path_syncs_and_serves_the_new_weights(
             inference_config=model_dir(server),
             master_port=free_port(),
             load_path=path,
+            backend=backend,
             bucket_bytes=128 * 1024,
         )
     )
     try:
         assert bc.init()[server.url].load_path == path
+        # the server's ranks joined a group of this backend (a disagreement fails the rendezvous)
+        assert bc.group is not None and bc.group.backend == backend
         assert bc.layout == ("kernel" if path == "kernel" else "checkpoint")
         for step in (1, 2):
-            perturb_(trainer_model, 100 * len(path) + step)
-            # One server for every path: versions only move forward (an older one is refused, 409).
-            report = bc.push(trainer_model, 10 * ["kernel", "checkpoint", "layerwise"].index(path) + step)
+            perturb_(trainer_model, 100 * len(path) + 10 * len(backend) + step)
+            report = bc.push(trainer_model, next(_VERSIONS))
             assert report.servers[server.url].load_path == path
             assert_serves(server.url, trainer_model)
         assert httpx.get(server.url + "/weights").json()["load_path"] == path
