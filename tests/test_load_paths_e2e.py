@@ -14,13 +14,18 @@ import httpx
 import pytest
 import torch
 
+from broadcaster.errors import BroadcastError
+from broadcaster.framing import make_header
+from broadcaster.sender import Sender
 from configs.trainer import BroadcasterConfig
+from rpc.demo import PROMPT
 from rpc.launch import ServerProcess, free_port
 from rpc.orchestrator import SyncOrchestrator
-from tests.toy_server import assert_serves, model_dir, start_toy_server
+from tests.toy_server import BackgroundPost, assert_serves, model_dir, start_toy_server
 from trainer_side.broadcast import WeightBroadcaster
 from trainer_side.kernel_layout import KernelLayoutError, fuse_specs
 from trainer_side.toy_models import perturb_, toy_config, toy_model
+from trainer_side.walker import iter_layer_chunks, plan_stream
 
 pytestmark = pytest.mark.slow
 # One server for every case: versions only move forward (an older one is refused, 409).
@@ -119,6 +124,59 @@ def test_pause_and_resume_around_a_sync_with_vllm_dev_routes(
         )
         assert report.servers[server.url].response.weights_version == 42
         assert httpx.get(server.url + "/is_paused").json()["is_paused"] is False
+        assert_serves(server.url, trainer_model)
+    finally:
+        bc.close()
+
+
+def test_ipc_trainer_failing_mid_write_leaves_the_server_torn_until_a_full_sync(
+    server: ServerProcess, trainer_model: torch.nn.Module
+) -> None:
+    """Colocated (`ipc`): the trainer's producer dies after half the tensors went through shared memory;
+    the server must refuse generation (torn), name the cause, and heal with the next complete sync."""
+    bc = WeightBroadcaster(
+        BroadcasterConfig(
+            servers=[server.url],
+            inference_config=model_dir(server),
+            master_port=free_port(),
+            load_path="layerwise",
+            backend="ipc",
+            bucket_bytes=64 * 1024,
+        )
+    )
+    try:
+        bc.init()
+        assert bc.group is not None and bc.group.backend == "ipc"
+        version = next(_VERSIONS) + 100
+        specs = plan_stream(trainer_model, bc.scheme)
+        header = make_header(
+            [(s.name, s.dtype, s.shape) for s in specs],
+            sync_id="doomed-ipc",
+            weights_version=version,
+            scheme=bc.scheme,
+            bucket_size=64 * 1024,
+        )
+
+        def dies_halfway() -> Iterator[tuple[str, torch.Tensor]]:
+            tensors = [t for c in iter_layer_chunks(trainer_model, bc.scheme) for t in c.tensors]
+            yield from tensors[: len(tensors) // 2]
+            raise RuntimeError("trainer crashed while quantizing")
+
+        armed = BackgroundPost(
+            server.url + "/update_weights", {"sync_id": "doomed-ipc", "weights_version": version}
+        )
+        with pytest.raises(BroadcastError, match="trainer crashed"):
+            Sender(bc.group).send(header, dies_halfway())
+        answer = armed.response()
+        assert answer.status_code == 502 and "trainer crashed" in answer.text
+        assert httpx.get(server.url + "/weights").json()["state"] == "torn"
+        r = httpx.post(
+            server.url + "/v1/completions", json={"model": "toy", "prompt": PROMPT, "max_tokens": 2}
+        )
+        assert r.status_code == 503 and "torn" in r.text
+        perturb_(trainer_model, 777)
+        bc.push(trainer_model, version + 1)
+        assert httpx.get(server.url + "/weights").json()["state"] == "ready"
         assert_serves(server.url, trainer_model)
     finally:
         bc.close()
