@@ -28,6 +28,7 @@ from configs.api import (
     UpdateWeightsResponse,
     WeightsStatus,
 )
+from inference_worker.sleep_state import SleepState
 from inference_worker.worker_results import ErrorKind, InitResult, PollResult, ReceiveResult, WorkerResult
 from inference_worker.worker_rpc import WorkerRpc
 from rpc.errors import ApiError, BadRequest, Conflict, NotReady, SyncFailed, SyncTimedOut
@@ -63,6 +64,7 @@ class VllmSyncBackend:
     def __init__(self, engine_client: Any) -> None:
         self._engine = engine_client
         self.rpc = WorkerRpc(engine_client)
+        self.sleep = SleepState(engine_client)
         parallel = engine_client.vllm_config.parallel_config
         self._status = WeightsStatus(
             state="uninitialized",
@@ -126,6 +128,8 @@ class VllmSyncBackend:
         to drain (the trainer is waiting for this server meanwhile, at most its step deadline)."""
         if self._init is None:
             raise NotReady("call /init_broadcaster first: this server has not joined a broadcast group")
+        if (asleep := await self.sleep.problem()) is not None:
+            raise Conflict(f"sync {req.sync_id}: {asleep}")
         timeout = self._timeout_s(req)
         deadline = time.monotonic() + timeout
         self._before = self._status.state
@@ -170,6 +174,8 @@ class VllmSyncBackend:
         else:
             timeout = self._timeout_s(req)
         if self._status.state != "syncing":  # not armed through wait_for_trainer
+            if (asleep := await self.sleep.problem()) is not None:
+                raise Conflict(f"sync {req.sync_id}: {asleep}")
             self._before = self._status.state
             self._set(state="syncing")
         started = time.perf_counter()
