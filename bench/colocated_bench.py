@@ -10,7 +10,11 @@ Per model size, in one process run on one GPU:
   2. the floors, same GPU, same run: the quantize-only time (every weight through layercast's FP8 kernel
      into preallocated outputs: `producer_bench.quantize_floor`), and a device-to-device copy of the bytes
      a sync carries;
-  3. the peer, after our server stopped: `bench/peer_ipc.py` (vLLM 0.26's `ipc` engine, packed 2 GiB,
+  3. with `--sleep-mode` (server started with `--enable-sleep-mode`): vLLM's `/sleep?level=1`, the GPU
+     memory it freed (device free memory before/after), a push into the sleeping server (must be refused),
+     `/wake_up?tags=weights`, a push (runtime digest must equal what was sent), `/wake_up?tags=kv_cache`
+     and generation;
+  4. the peer, after our server stopped: `bench/peer_ipc.py` (vLLM 0.26's `ipc` engine, packed 2 GiB,
      BF16 -> `fp8_per_block` online quantization, layerwise reload), trainer and vLLM on the same GPU.
 
     python bench/colocated_bench.py --sizes 8b --syncs 5 --out-dir $OUT      # one GPU
@@ -35,19 +39,27 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import httpx
+
 import bench.producer_bench as producer_bench
 from bench.common import (
     FP8_BLOCK,
     build_model,
+    digest_diff,
     generate,
     median,
     plugin_env,
+    reseed_,
+    rpc,
+    sent_digest,
     stamp,
     sync_cuda,
     write_inference_dir,
 )
 from bench.sync_bench import run_path, say, verify
-from rpc.launch import ServerProcess
+from configs.trainer import BroadcasterConfig
+from rpc.launch import ServerProcess, free_port
+from trainer_side.broadcast import PushError, WeightBroadcaster
 
 
 def timed(fn: Any, n: int) -> list[float]:
@@ -71,6 +83,55 @@ def floors(model: torch.nn.Module, nbytes: int, n: int) -> dict[str, float]:
     return {"quantize_floor_s": quant, "d2d_copy_s": copy}
 
 
+def sleep_check(model: torch.nn.Module, url: str, cfg_dir: Path) -> dict[str, Any]:
+    """vLLM sleep mode around colocated syncs (see module doc, step 3)."""
+    out: dict[str, Any] = {}
+    bc = WeightBroadcaster(
+        BroadcasterConfig(
+            servers=[url],
+            inference_config=str(cfg_dir),
+            master_port=free_port(),
+            backend="ipc",
+            load_path="kernel",
+            bucket_bytes=512 << 20,
+            step_timeout_s=60,
+            http_timeout_s=120,
+        )
+    )
+    try:
+        bc.init()
+        reseed_(model, 5001)
+        bc.push(model, version=5001)
+        sync_cuda()
+        free_before = torch.cuda.mem_get_info()[0]
+        httpx.post(f"{url}/sleep", params={"level": "1"}, timeout=300).raise_for_status()
+        time.sleep(1.0)
+        out["freed_bytes"] = torch.cuda.mem_get_info()[0] - free_before
+        reseed_(model, 5002)
+        try:
+            bc.push(model, version=5002)
+            out["asleep_push"] = "ACCEPTED (wrong)"
+        except PushError as exc:
+            out["asleep_push"] = f"refused: {exc}"[:400]
+        httpx.post(f"{url}/wake_up", params={"tags": "weights"}, timeout=300).raise_for_status()
+        reseed_(model, 5003)
+        t = time.perf_counter()
+        bc.push(model, version=5003)
+        out["push_after_weights_woke_s"] = time.perf_counter() - t
+        out["digest_mismatches"] = digest_diff(
+            rpc(url, "layercast_weights_digest")[0], sent_digest(bc.tensors(model, layout="kernel"))
+        )[:20]
+        httpx.post(f"{url}/wake_up", params={"tags": "kv_cache"}, timeout=300).raise_for_status()
+        out["generated"] = generate(url, model.config.vocab_size)
+        out["ok"] = out["asleep_push"].startswith("refused") and not out["digest_mismatches"]
+    except Exception as exc:
+        out["error"] = f"{type(exc).__name__}: {exc}"[:1500]
+        out["ok"] = False
+    finally:
+        bc.close()
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="8b")
@@ -79,6 +140,7 @@ def main() -> int:
     ap.add_argument("--bucket-mb", type=int, default=512)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.3)
     ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--sleep-mode", action="store_true", help="server with --enable-sleep-mode; step 3")
     ap.add_argument("--out-dir", type=Path, default=Path("bench/results"))
     ap.add_argument("--work", type=Path, default=Path("/tmp/layercast-colocated-bench"))
     ap.add_argument("--date", default=datetime.date.today().isoformat())
@@ -131,6 +193,8 @@ def main() -> int:
             "--gpu-memory-utilization",
             str(args.gpu_memory_utilization),
         ]
+        if args.sleep_mode:
+            serve_args.append("--enable-sleep-mode")
         t0 = time.perf_counter()
         server = ServerProcess(
             cfg_dir,
@@ -170,6 +234,14 @@ def main() -> int:
                 )
             verify(rec, lines, size)
             ok = ok and rec.get("verified", False)
+            if args.sleep_mode:
+                rec["sleep"] = sleep_check(model, server.url, cfg_dir)
+                say(
+                    lines,
+                    f"[{stamp()}] {size} sleep mode: "
+                    + json.dumps({k: v for k, v in rec["sleep"].items() if k != "generated"}, default=str),
+                )
+                ok = ok and rec["sleep"]["ok"]
             del model
             torch.cuda.empty_cache()
         except Exception as exc:
