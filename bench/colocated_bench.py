@@ -108,11 +108,13 @@ def sleep_check(model: torch.nn.Module, url: str, cfg_dir: Path) -> dict[str, An
         time.sleep(1.0)
         out["freed_bytes"] = torch.cuda.mem_get_info()[0] - free_before
         reseed_(model, 5002)
+        t = time.perf_counter()
         try:
             bc.push(model, version=5002)
             out["asleep_push"] = "ACCEPTED (wrong)"
         except PushError as exc:
             out["asleep_push"] = f"refused: {exc}"[:400]
+        out["asleep_push_s"] = time.perf_counter() - t
         httpx.post(f"{url}/wake_up", params={"tags": "weights"}, timeout=300).raise_for_status()
         reseed_(model, 5003)
         t = time.perf_counter()

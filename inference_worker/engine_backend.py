@@ -128,8 +128,6 @@ class VllmSyncBackend:
         to drain (the trainer is waiting for this server meanwhile, at most its step deadline)."""
         if self._init is None:
             raise NotReady("call /init_broadcaster first: this server has not joined a broadcast group")
-        if (asleep := await self.sleep.problem()) is not None:
-            raise Conflict(f"sync {req.sync_id}: {asleep}")
         timeout = self._timeout_s(req)
         deadline = time.monotonic() + timeout
         self._before = self._status.state
@@ -174,11 +172,12 @@ class VllmSyncBackend:
         else:
             timeout = self._timeout_s(req)
         if self._status.state != "syncing":  # not armed through wait_for_trainer
-            if (asleep := await self.sleep.problem()) is not None:
-                raise Conflict(f"sync {req.sync_id}: {asleep}")
             self._before = self._status.state
             self._set(state="syncing")
         started = time.perf_counter()
+        # Refused in the accept vote (not before it), so the trainer learns why at once and the group
+        # stays usable: nothing is loaded into weights vLLM has put to sleep.
+        asleep = await self.sleep.problem()
         try:
             results = await self.rpc.call(
                 "layercast_receive",
@@ -187,6 +186,7 @@ class VllmSyncBackend:
                 sync_id=req.sync_id,
                 weights_version=req.weights_version,
                 timeout_s=timeout,
+                refuse=asleep or "",
             )
         except ApiError as exc:  # the engine itself failed (dead worker) or overran its deadline
             self._set(state="torn", last_error=f"worker RPC failed: {exc}")

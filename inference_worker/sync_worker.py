@@ -275,10 +275,14 @@ class BroadcastReceiverMixin:
         return problem
 
     @tagged
-    def layercast_receive(self, sync_id: str, weights_version: int, timeout_s: float) -> WorkerResult:
+    def layercast_receive(
+        self, sync_id: str, weights_version: int, timeout_s: float, refuse: str = ""
+    ) -> WorkerResult:
         """Receive and load sync `sync_id`, which the trainer has announced (`layercast_poll`). Every wait
         is bounded by the init's step deadline, and the whole sync by `timeout_s`: past it the group is
-        aborted (the trainer learns it at once) and the result is a timeout."""
+        aborted (the trainer learns it at once) and the result is a timeout. A non-empty `refuse` (the
+        server cannot load now, e.g. its weights are asleep) is this rank's accept vote: every rank
+        refuses with it, nothing is loaded, the group stays usable."""
         state = self._layercast_sync
         if state is None:
             return failure("not_ready", "not joined to a broadcast group: call /init_broadcaster first")
@@ -296,7 +300,7 @@ class BroadcastReceiverMixin:
         started = time.perf_counter()
         try:
             incoming = receiver.begin(
-                lambda h: self._layercast_check(h, sync_id, weights_version, state.req.scheme)
+                lambda h: refuse or self._layercast_check(h, sync_id, weights_version, state.req.scheme)
             )
         except SyncRefused as exc:
             return failure("refused", str(exc))
