@@ -10,7 +10,7 @@ Per model size, in one process run on one GPU:
   2. the floors, same GPU, same run: the quantize-only time (every weight through layercast's FP8 kernel
      into preallocated outputs: `producer_bench.quantize_floor`), and a device-to-device copy of the bytes
      a sync carries;
-  3. with `--sleep-mode` (server started with `--enable-sleep-mode`): vLLM's `/sleep?level=1`, the GPU
+  3. for `--sleep-sizes` (server started with `--enable-sleep-mode`): vLLM's `/sleep?level=1`, the GPU
      memory it freed (device free memory before/after), a push into the sleeping server (must be refused),
      `/wake_up?tags=weights`, a push (runtime digest must equal what was sent), `/wake_up?tags=kv_cache`
      and generation;
@@ -142,7 +142,7 @@ def main() -> int:
     ap.add_argument("--bucket-mb", type=int, default=512)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.3)
     ap.add_argument("--no-peer", action="store_true")
-    ap.add_argument("--sleep-mode", action="store_true", help="server with --enable-sleep-mode; step 3")
+    ap.add_argument("--sleep-sizes", default="", help="sizes whose server runs --enable-sleep-mode; step 3")
     ap.add_argument("--out-dir", type=Path, default=Path("bench/results"))
     ap.add_argument("--work", type=Path, default=Path("/tmp/layercast-colocated-bench"))
     ap.add_argument("--date", default=datetime.date.today().isoformat())
@@ -195,7 +195,8 @@ def main() -> int:
             "--gpu-memory-utilization",
             str(args.gpu_memory_utilization),
         ]
-        if args.sleep_mode:
+        sleep_mode = size in args.sleep_sizes.split(",")
+        if sleep_mode:
             serve_args.append("--enable-sleep-mode")
         t0 = time.perf_counter()
         server = ServerProcess(
@@ -236,7 +237,7 @@ def main() -> int:
                 )
             verify(rec, lines, size)
             ok = ok and rec.get("verified", False)
-            if args.sleep_mode:
+            if sleep_mode:
                 rec["sleep"] = sleep_check(model, server.url, cfg_dir)
                 say(
                     lines,
