@@ -1,11 +1,12 @@
-"""Write README.md's generated blocks: the HTTP API (from the FastAPI OpenAPI schema of our router), the
-configuration reference (from the pydantic settings models) and the CLI reference (from the parsers).
+"""Write the generated references under docs/: the HTTP API (from the FastAPI OpenAPI schema of our router),
+the configuration reference (from the pydantic settings models) and the CLI reference (from the parsers).
 
-Each block lives between `<!-- BEGIN GENERATED: NAME -->` and `<!-- END GENERATED: NAME -->`;
-`tests/test_docs.py` fails when README.md differs from what this writes.
+Each block lives between `<!-- BEGIN GENERATED: NAME -->` and `<!-- END GENERATED: NAME -->` in its file
+(`TARGETS`); the prose around it is hand-written. `tests/test_docs.py` fails when a file differs from what
+this writes.
 
-    python scripts/gen_docs.py            # rewrite README.md
-    python scripts/gen_docs.py --check    # exit 1 if README.md is out of date
+    python scripts/gen_docs.py            # rewrite docs/api.md, docs/cli.md, docs/configuration.md
+    python scripts/gen_docs.py --check    # exit 1 if one of them is out of date
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-README = REPO / "README.md"
 SKIPPED_SCHEMAS = frozenset({"HTTPValidationError", "ValidationError"})
 HELP_COLUMNS = "100"
 
@@ -224,7 +224,7 @@ def _cli_block() -> str:
     return "\n".join(out).rstrip()
 
 
-# ----------------------------------------------------------------------------------------- README
+# ----------------------------------------------------------------------------------------- files
 
 
 BLOCKS: dict[str, Callable[[], str]] = {
@@ -233,32 +233,48 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "cli": cli_block,
 }
 
+# Which file holds which generated block (paths relative to the repository root).
+TARGETS: dict[str, tuple[str, ...]] = {
+    "docs/api.md": ("http-api",),
+    "docs/configuration.md": ("config-reference",),
+    "docs/cli.md": ("cli",),
+}
 
-def render(readme: str) -> str:
-    """`readme` with every generated block replaced by its current content."""
-    for name, make in BLOCKS.items():
+
+def render(text: str, names: tuple[str, ...] | None = None, where: str = "the file") -> str:
+    """`text` with each generated block in `names` (default: every block) replaced by its current content."""
+    for name in names if names is not None else tuple(BLOCKS):
         pattern = re.compile(
             rf"(<!-- BEGIN GENERATED: {name} [^>]*-->\n)(?:.*?\n)?(<!-- END GENERATED: {name} -->)", re.DOTALL
         )
-        if not pattern.search(readme):
-            raise SystemExit(f"README.md has no generated block {name!r} (BEGIN/END GENERATED markers)")
-        body = make() + "\n"
-        readme = pattern.sub(lambda m, body=body: m.group(1) + body + m.group(2), readme)
-    return readme
+        if not pattern.search(text):
+            raise SystemExit(f"{where} has no generated block {name!r} (BEGIN/END GENERATED markers)")
+        body = BLOCKS[name]() + "\n"
+        text = pattern.sub(lambda m, body=body: m.group(1) + body + m.group(2), text)
+    return text
+
+
+def render_file(rel: str) -> tuple[str, str]:
+    """`(current, fresh)` text of one target file."""
+    current = (REPO / rel).read_text()
+    return current, render(current, TARGETS[rel], where=rel)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--check", action="store_true", help="exit 1 if README.md is out of date")
+    ap.add_argument("--check", action="store_true", help="exit 1 if a generated file is out of date")
     args = ap.parse_args(argv)
-    current = README.read_text()
-    fresh = render(current)
-    if args.check:
-        if fresh != current:
-            print("README.md is out of date: run `python scripts/gen_docs.py`", file=sys.stderr)
-            return 1
-        return 0
-    README.write_text(fresh)
+    stale = []
+    for rel in TARGETS:
+        current, fresh = render_file(rel)
+        if fresh == current:
+            continue
+        stale.append(rel)
+        if not args.check:
+            (REPO / rel).write_text(fresh)
+    if args.check and stale:
+        print(f"{', '.join(stale)} out of date: run `python scripts/gen_docs.py`", file=sys.stderr)
+        return 1
     return 0
 
 
