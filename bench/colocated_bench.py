@@ -18,6 +18,7 @@ Per model size, in one process run on one GPU:
      BF16 -> `fp8_per_block` online quantization, layerwise reload), trainer and vLLM on the same GPU.
 
     python bench/colocated_bench.py --sizes 8b --syncs 5 --out-dir $OUT      # one GPU
+    python bench/colocated_bench.py --cpu-smoke                              # CPU, /dev/shm, tiny fp32
 """
 
 from __future__ import annotations
@@ -147,11 +148,13 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp/layercast-colocated-bench"))
     ap.add_argument("--date", default=datetime.date.today().isoformat())
     ap.add_argument("--ready-timeout", type=float, default=400.0)
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny fp32 model, trainer and server on CPU")
     args = ap.parse_args()
     args.profile = False
-    if not torch.cuda.is_available():
-        sys.exit("needs a GPU")
-    name = torch.cuda.get_device_name(0)
+    smoke = args.cpu_smoke
+    if not smoke and not torch.cuda.is_available():
+        sys.exit("needs a GPU (or --cpu-smoke)")
+    name = "cpu" if smoke else torch.cuda.get_device_name(0)
     slug = name.lower().replace(" ", "-")
     command = " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
     lines: list[str] = []
@@ -175,13 +178,14 @@ def main() -> int:
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
     env = plugin_env(args.work)
-    dev = torch.device("cuda", 0)
+    dev = torch.device("cpu") if smoke else torch.device("cuda", 0)
+    dtype = torch.float32 if smoke else torch.bfloat16
     ok = True
-    for size in [s for s in args.sizes.split(",") if s]:
+    for size in ["tiny"] if smoke else [s for s in args.sizes.split(",") if s]:
         rec: dict[str, Any] = {"paths": []}
         result["models"][size] = rec
         work = args.work / size
-        cfg_dir = write_inference_dir(work / "inference", size, torch.bfloat16, FP8_BLOCK)
+        cfg_dir = write_inference_dir(work / "inference", size, dtype, None if smoke else FP8_BLOCK)
         serve_args = [
             "--load-format",
             "dummy",
@@ -195,6 +199,8 @@ def main() -> int:
             "--gpu-memory-utilization",
             str(args.gpu_memory_utilization),
         ]
+        if smoke:
+            serve_args[-2:] = ["--dtype", "float32", "--kv-cache-memory-bytes", str(64 << 20)]
         sleep_mode = size in args.sleep_sizes.split(",")
         if sleep_mode:
             serve_args.append("--enable-sleep-mode")
@@ -202,11 +208,11 @@ def main() -> int:
         server = ServerProcess(
             cfg_dir,
             extra_args=serve_args,
-            env={**env, "CUDA_VISIBLE_DEVICES": "0"},
+            env={**env, "LAYERCAST_CPU_PLAIN_LINEAR": "1"} if smoke else {**env, "CUDA_VISIBLE_DEVICES": "0"},
             log_path=work / "server.log",
         )
         try:
-            model = build_model(size, torch.bfloat16, dev, seed=0)
+            model = build_model(size, dtype, dev, seed=0)
             rec["params"] = sum(p.numel() for p in model.parameters())
             server.wait_ready(args.ready_timeout)
             rec["server_ready_s"] = time.perf_counter() - t0
@@ -228,7 +234,7 @@ def main() -> int:
                 )
                 save()
             nbytes = max((r.get("bytes_sent", 0) for r in rec["paths"]), default=0)
-            if nbytes:
+            if nbytes and not smoke:
                 rec |= floors(model, nbytes, args.syncs)
                 say(
                     lines,
@@ -246,7 +252,8 @@ def main() -> int:
                 )
                 ok = ok and rec["sleep"]["ok"]
             del model
-            torch.cuda.empty_cache()
+            if not smoke:
+                torch.cuda.empty_cache()
         except Exception as exc:
             ok = False
             rec["error"] = f"{type(exc).__name__}: {exc}"[:2000]
@@ -255,7 +262,7 @@ def main() -> int:
             rec["server_log_tail"] = server.tail(30)
             server.stop()
             save()
-        if not args.no_peer:
+        if not args.no_peer and not smoke:
             out = work / "peer.json"
             cmd = [
                 sys.executable,
