@@ -101,25 +101,25 @@ def sleep_check(model: torch.nn.Module, url: str, cfg_dir: Path) -> dict[str, An
     )
     try:
         bc.init()
-        reseed_(model, 5001)
-        bc.push(model, version=5001)
+        reseed_(model, 9001)
+        bc.push(model, version=9001)
         sync_cuda()
         free_before = torch.cuda.mem_get_info()[0]
         httpx.post(f"{url}/sleep", params={"level": "1"}, timeout=300).raise_for_status()
         time.sleep(1.0)
         out["freed_bytes"] = torch.cuda.mem_get_info()[0] - free_before
-        reseed_(model, 5002)
+        reseed_(model, 9002)
         t = time.perf_counter()
         try:
-            bc.push(model, version=5002)
+            bc.push(model, version=9002)
             out["asleep_push"] = "ACCEPTED (wrong)"
         except PushError as exc:
             out["asleep_push"] = f"refused: {exc}"[:400]
         out["asleep_push_s"] = time.perf_counter() - t
         httpx.post(f"{url}/wake_up", params={"tags": "weights"}, timeout=300).raise_for_status()
-        reseed_(model, 5003)
+        reseed_(model, 9003)
         t = time.perf_counter()
-        bc.push(model, version=5003)
+        bc.push(model, version=9003)
         out["push_after_weights_woke_s"] = time.perf_counter() - t
         out["digest_mismatches"] = digest_diff(
             rpc(url, "layercast_weights_digest")[0], sent_digest(bc.tensors(model, layout="kernel"))
@@ -222,8 +222,11 @@ def main() -> int:
                 f"{rec['server_ready_s']:.0f} s",
             )
             rec["generated_before"] = generate(server.url, model.config.vocab_size)
-            for path in [p for p in args.paths.split(",") if p]:
-                r = run_path(path, args.bucket_mb, model, server.url, cfg_dir, args, "ipc", seed0=1000)
+            for i, path in enumerate([p for p in args.paths.split(",") if p]):
+                # one server for every path: versions (= seeds) only move forward
+                r = run_path(
+                    path, args.bucket_mb, model, server.url, cfg_dir, args, "ipc", seed0=1000 * (i + 1)
+                )
                 rec["paths"].append(r)
                 say(
                     lines,

@@ -297,7 +297,9 @@ def main() -> int:
             if "kernel" in args.paths:
                 runs += [("kernel", int(b)) for b in args.kernel_bucket_mb.split(",") if b]
             for path, bmb in runs:
-                r = run_path(path, bmb, model, server.url, cfg_dir, args, backend, seed0=1000)
+                r = run_path(
+                    path, bmb, model, server.url, cfg_dir, args, backend, seed0=1000 * (len(rec["paths"]) + 1)
+                )
                 rec["paths"].append(r)
                 say(lines, f"[{stamp()}] {size} {path} @{bmb} MiB: " + json.dumps(
                     {k: v for k, v in r.items() if k not in ("syncs", "generated")}, default=str

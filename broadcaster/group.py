@@ -306,6 +306,7 @@ class Group:
         self._formed = False
         self._store_lost: str | None = None
         self._broken: str | None = None
+        self._abort_requested: str | None = None  # set by another thread; acted on by this rank's next wait
         self._seq = 0
         self._server: dist.TCPStore | None = None
         self._client: dist.TCPStore | None = None
@@ -635,6 +636,11 @@ class Group:
         """The number `next_seq()` will return, without taking it."""
         return self._seq + 1
 
+    def request_abort(self, reason: str) -> None:
+        """Ask, from another thread, that the wait in progress (or the next one) abort the group with
+        `reason` (the store client is not shared across threads: the waiting thread does the abort)."""
+        self._abort_requested = reason
+
     def check_health(self) -> None:
         """Raise if the group was aborted here or elsewhere, a late rank reported a rendezvous error, or
         rank 0 stopped answering the store (within `STORE_OP_TIMEOUT_S`)."""
@@ -684,6 +690,8 @@ class Group:
             nap = 2e-5
             while not work.is_completed():
                 now = time.monotonic()
+                if self._abort_requested is not None:
+                    self._fail(PeerLost(f"rank {self.rank} ({self.who}): {self._abort_requested}"))
                 if now >= deadline:
                     self._fail(
                         BroadcastTimeout(

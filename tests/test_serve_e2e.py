@@ -211,6 +211,21 @@ def test_trainer_failing_mid_sync_leaves_server_refusing_until_a_full_sync(
     assert_serves(server.url, trainer_model)
 
 
+def test_a_server_refusing_the_sync_over_http_fails_the_push_at_once(
+    server: ServerProcess, bc: WeightBroadcaster, trainer_model: torch.nn.Module
+) -> None:
+    """The server answers 409 (an older version) without joining the sync: the trainer must not sit in
+    the accept vote until its step deadline (30 s here), and the next push re-forms the group and lands."""
+    started = time.monotonic()
+    with pytest.raises(PushError, match="older than the weights_version 5"):
+        bc.push(trainer_model, 2)
+    assert time.monotonic() - started < 10, "the trainer waited for a server that had refused the sync"
+    perturb_(trainer_model, 6)
+    bc.push(trainer_model, 6)
+    assert httpx.get(server.url + "/weights").json()["weights_version"] == 6
+    assert_serves(server.url, trainer_model)
+
+
 def test_server_refusing_init_ends_the_rendezvous_at_once(server: ServerProcess) -> None:
     # This server runs vLLM's default CPU kernels (weights in oneDNN): the checkpoint path is refused.
     refused = toy_broadcaster(server, TOKEN, load_path="checkpoint", rendezvous_timeout_s=60)

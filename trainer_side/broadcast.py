@@ -397,7 +397,14 @@ class WeightBroadcaster:
                         "of the sync ended: the server's engine may be dead (check its /health)"
                     )
                 await asyncio.wait([task], timeout=0.05)
-            return task.result()
+            try:
+                return task.result()
+            except Exception as exc:
+                if not wire_ended and self.group is not None:
+                    # This server will not take part in the sync (refused before joining it, e.g. 409 for
+                    # an old version): stop the sender's wait for it now, not at its step deadline.
+                    self.group.request_abort(f"{cl.base_url} did not join sync {sync_id}: {_reason(exc)}")
+                raise
 
         async def arm_all() -> list[UpdateWeightsResponse | BaseException]:
             clients = self._clients()

@@ -151,4 +151,3 @@ class _ScaleCheck:
                 f"{self.label}: weights behind {', '.join(bad[:5])} hold inf or NaN; refusing to quantize "
                 "them to FP8"
             )
-
