@@ -225,7 +225,15 @@ def main() -> int:
             for i, path in enumerate([p for p in args.paths.split(",") if p]):
                 # one server for every path: versions (= seeds) only move forward
                 r = run_path(
-                    path, args.bucket_mb, model, server.url, cfg_dir, args, "ipc", seed0=1000 * (i + 1)
+                    path,
+                    args.bucket_mb,
+                    model,
+                    server.url,
+                    cfg_dir,
+                    args,
+                    "ipc",
+                    seed0=1000,
+                    version0=1000 * (i + 1),
                 )
                 rec["paths"].append(r)
                 say(

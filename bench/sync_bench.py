@@ -110,11 +110,11 @@ def _arm(url: str, sync_id: str, version: int) -> None:
     asyncio.run(go())
 
 
-def _profile(bc: WeightBroadcaster, model: torch.nn.Module, url: str, version: int) -> str:
+def _profile(bc: WeightBroadcaster, model: torch.nn.Module, url: str, seed: int, version: int) -> str:
     """torch.profiler of one push (trainer side): where the host and the GPU spend the sync."""
     from torch.profiler import ProfilerActivity, profile
 
-    reseed_(model, version)
+    reseed_(model, seed)
     sync_cuda()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         bc.push(model, version=version)
@@ -126,9 +126,12 @@ def _profile(bc: WeightBroadcaster, model: torch.nn.Module, url: str, version: i
 
 def run_path(
     path: str, bucket_mb: int, model: torch.nn.Module, url: str, cfg_dir: Path, args: argparse.Namespace,
-    backend: str, seed0: int,
+    backend: str, seed0: int, version0: int | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     rec: dict[str, Any] = {"path": path, "bucket_mb": bucket_mb}
+    # Every path ends on the same seeds (same final weights, so generations compare across paths), but a
+    # server's versions only move forward: each path's versions start at its own `version0`.
+    v0 = seed0 if version0 is None else version0
     bc = WeightBroadcaster(
         BroadcasterConfig(
             servers=[url], inference_config=str(cfg_dir), master_port=free_port(), backend=backend,
@@ -154,7 +157,7 @@ def run_path(
         for i in range(args.syncs + 1):
             reseed_(model, seed0 + i)
             sync_cuda()
-            rep = bc.push(model, version=seed0 + i)
+            rep = bc.push(model, version=v0 + i)
             srv = rep.servers[url]
             syncs.append({
                 "total_s": rep.total_s, "plan_s": rep.plan_s, "quantize_s": rep.quantize_s,
@@ -171,7 +174,7 @@ def run_path(
         for i in range(args.syncs):
             reseed_(model, seed0 + args.syncs + 1 + i)
             sync_cuda()
-            version = seed0 + args.syncs + 1 + i
+            version = v0 + args.syncs + 1 + i
             sid = f"armed-{version}"
             th = threading.Thread(target=_arm, args=(url, sid, version), daemon=True)
             th.start()
@@ -183,7 +186,7 @@ def run_path(
         rec["sync_s_prearmed_all"] = armed
         rec["sync_s_prearmed"] = median(armed)
         if args.profile and dev.type == "cuda":
-            rec["profile"] = _profile(bc, model, url, seed0 + 2 * args.syncs + 2)
+            rec["profile"] = _profile(bc, model, url, seed0 + 2 * args.syncs + 2, v0 + 2 * args.syncs + 2)
         rec["warmup_s"] = syncs[0]["total_s"]
         rec["sync_s"] = median([s["total_s"] for s in timed])
         rec["bytes_sent"] = timed[-1]["bytes"]
@@ -298,8 +301,9 @@ def main() -> int:
                 runs += [("kernel", int(b)) for b in args.kernel_bucket_mb.split(",") if b]
             for path, bmb in runs:
                 r = run_path(
-                    path, bmb, model, server.url, cfg_dir, args, backend, seed0=1000 * (len(rec["paths"]) + 1)
-                )
+                    path, bmb, model, server.url, cfg_dir, args, backend, seed0=1000,
+                    version0=1000 * (len(rec["paths"]) + 1),
+                )  # fmt: skip
                 rec["paths"].append(r)
                 say(lines, f"[{stamp()}] {size} {path} @{bmb} MiB: " + json.dumps(
                     {k: v for k, v in r.items() if k not in ("syncs", "generated")}, default=str
