@@ -22,7 +22,7 @@ from configs.wire import WIRE_DTYPES, ManifestEntry, SyncHeader, TensorPiece
 ALIGN = 16
 DEFAULT_BUCKET_SIZE = 256 << 20
 
-TensorSpec = tuple[str, "torch.dtype | str", Sequence[int]]
+WireSpec = tuple[str, "torch.dtype | str", Sequence[int]]
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -51,7 +51,7 @@ def _align(n: int) -> int:
 
 
 def plan_buckets(
-    specs: Sequence[TensorSpec], bucket_size: int = DEFAULT_BUCKET_SIZE
+    specs: Sequence[WireSpec], bucket_size: int = DEFAULT_BUCKET_SIZE
 ) -> tuple[tuple[int, ...], tuple[ManifestEntry, ...]]:
     """Pack `(name, dtype, shape)` specs, in order, into buckets; returns (bucket_sizes, entries)."""
     if bucket_size <= 0 or bucket_size % ALIGN:
@@ -96,7 +96,7 @@ def plan_buckets(
 
 
 def make_header(
-    specs: Sequence[TensorSpec],
+    specs: Sequence[WireSpec],
     *,
     sync_id: str,
     weights_version: int,

@@ -49,7 +49,7 @@ import torch.distributed as dist
 from broadcaster.errors import BroadcastError, BroadcastTimeout, PeerLost, RendezvousError, RendezvousTimeout
 from broadcaster.shared_wire import SharedWire, SharedWireError, device_identity
 
-Backend = Literal["gloo", "nccl", "ipc"]
+WireBackend = Literal["gloo", "nccl", "ipc"]
 _T = TypeVar("_T")
 
 # One store operation (a request and its answer) may take this long before rank 0 counts as lost. The
@@ -272,7 +272,7 @@ class Group:
         world_size: int,
         rank: int,
         *,
-        backend: Backend = "gloo",
+        backend: WireBackend = "gloo",
         who: str = "",
         timeout_s: float = 60.0,
         generation: int = 0,
@@ -287,7 +287,7 @@ class Group:
         if secret is not None and not secret:
             raise ValueError("secret must not be empty (pass None for no secret)")
         self.host, self.port, self.world_size, self.rank = host, port, world_size, rank
-        self.backend: Backend = backend
+        self.backend: WireBackend = backend
         self.who = who or ("trainer" if rank == 0 else f"inference pid {os.getpid()}")
         self.generation = generation
         self.where = f"{host}:{port} (generation {generation})"

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from configs.api import LoadPath, LoadPathRequest, RuntimeTensor, ServerState
 
 # Strict items (no `"7"` or `true` for a dimension); the tuples themselves arrive as JSON lists.
-ManifestEntry = tuple[StrictStr, StrictStr, tuple[StrictInt, ...]]
+ManifestRow = tuple[StrictStr, StrictStr, tuple[StrictInt, ...]]
 
 
 class CheckRequest(BaseModel):
@@ -23,10 +23,10 @@ class CheckRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     load_path: LoadPathRequest = "auto"
-    checkpoint_manifest: list[ManifestEntry] | None = Field(
+    checkpoint_manifest: list[ManifestRow] | None = Field(
         default=None, description="the stream in HF checkpoint names (checkpoint and layerwise paths)"
     )
-    kernel_manifest: list[ManifestEntry] | None = Field(
+    kernel_manifest: list[ManifestRow] | None = Field(
         default=None, description="the stream fused into vLLM's runtime layout (kernel path)"
     )
 

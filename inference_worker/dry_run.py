@@ -12,7 +12,7 @@ from configs.api import WeightsStatus
 from configs.check import CheckRequest, CheckResponse
 from inference_worker.worker_results import CheckResult
 from inference_worker.worker_rpc import WorkerRpc
-from rpc.errors import SyncFailed
+from rpc.errors import SyncError
 
 CHECK_RPC_TIMEOUT_S = 120.0
 
@@ -27,7 +27,7 @@ class VllmDryRun:
         results = await self._rpc.call("layercast_check", CHECK_RPC_TIMEOUT_S, CheckResult, **body)
         for rank, res in enumerate(results):
             if not res.ok:
-                raise SyncFailed(f"check failed on worker {rank}: {res.error}", status_code=500)
+                raise SyncError(f"check failed on worker {rank}: {res.error}", status_code=500)
 
         refused = next((r for r in results if r.load_path is None), None)
         chosen = refused or results[0]

@@ -31,7 +31,7 @@ from configs.api import (
 from inference_worker.sleep_state import SleepState
 from inference_worker.worker_results import ErrorKind, InitResult, PollResult, ReceiveResult, WorkerResult
 from inference_worker.worker_rpc import WorkerRpc
-from rpc.errors import ApiError, BadRequest, Conflict, NotReady, SyncFailed, SyncTimedOut
+from rpc.errors import ApiError, BadRequest, Conflict, NotReady, SyncError, SyncTimedOut
 
 # Polling the workers for the trainer's announcement: first after this, doubling up to the cap. The cap
 # bounds what an armed sync adds to a sync's fixed cost (a 20 ms cap measured +30 ms per small sync on
@@ -47,14 +47,14 @@ _ERROR_KINDS: dict[ErrorKind, type[ApiError]] = {
     "refused": Conflict,
     "timeout": SyncTimedOut,
     "not_ready": NotReady,
-    "failed": SyncFailed,
+    "failed": SyncError,
 }
 
 
 def _raise_first_error(results: Sequence[WorkerResult], what: str) -> None:
     for rank, res in enumerate(results):
         if not res.ok:
-            kind = _ERROR_KINDS.get(res.kind or "failed", SyncFailed)
+            kind = _ERROR_KINDS.get(res.kind or "failed", SyncError)
             raise kind(f"{what} failed on worker {rank}: {res.error}")
 
 

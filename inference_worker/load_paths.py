@@ -20,15 +20,15 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
+from configs.api import LoadPath
+from configs.check import ManifestRow
 from inference_worker import vllm_compat
 
-LoadPath = Literal["checkpoint", "layerwise", "kernel"]
 LOAD_PATHS: tuple[str, ...] = ("checkpoint", "layerwise", "kernel")
-ManifestEntry = tuple[str, str, tuple[int, ...]]
 
 
 class LoadPathError(ValueError):
@@ -83,7 +83,7 @@ def runtime_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return dict(model.named_parameters())
 
 
-def runtime_manifest(model: torch.nn.Module) -> list[ManifestEntry]:
+def runtime_manifest(model: torch.nn.Module) -> list[ManifestRow]:
     """``[(name, dtype_str, shape)]`` of every runtime tensor, sorted by name (reported at init)."""
     return sorted((n, dtype_str(t.dtype), tuple(t.shape)) for n, t in runtime_tensors(model).items())
 
@@ -123,7 +123,7 @@ def check_kernel_manifest(model: torch.nn.Module, entries: Sequence[Sequence[Any
     return f"kernel manifest does not match the runtime layout: {head}{more}"
 
 
-def manifest_of(weights: Iterable[tuple[str, torch.Tensor]]) -> list[ManifestEntry]:
+def manifest_of(weights: Iterable[tuple[str, torch.Tensor]]) -> list[ManifestRow]:
     """The manifest a materialised list of tensors would announce."""
     return [(n, dtype_str(t.dtype), tuple(t.shape)) for n, t in weights]
 

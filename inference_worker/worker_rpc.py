@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 from pydantic import ValidationError
 
 from inference_worker.worker_results import WorkerResult
-from rpc.errors import ApiError, SyncFailed
+from rpc.errors import ApiError, SyncError
 
 R = TypeVar("R", bound=WorkerResult)
 
@@ -62,7 +62,7 @@ class WorkerRpc:
         """Run `method` on every worker; answers one `result` per worker (each echoing `call_id`).
 
         Raises `WorkersBusy` (503) when an earlier call still runs or this one overruns
-        `deadline_s + RPC_GRACE_S`, `SyncFailed` (502) when the engine itself fails or answers out of
+        `deadline_s + RPC_GRACE_S`, `SyncError` (502) when the engine itself fails or answers out of
         step."""
         problem = self.health_problem()
         if problem is not None:
@@ -84,21 +84,21 @@ class WorkerRpc:
             raise WorkersBusy(self._overrun) from None
         except Exception as exc:  # the engine failed (dead engine core, dead worker)
             dead = " (the engine core is dead)" if getattr(self._engine, "errored", False) else ""
-            raise SyncFailed(
+            raise SyncError(
                 f"{method}: the engine failed after {time.monotonic() - started:.1f} s{dead}: "
                 f"{type(exc).__name__}: {exc}"
             ) from exc
         try:
             answers = [result.model_validate(r) for r in results]
         except ValidationError as exc:
-            raise SyncFailed(f"{method}: a worker answered something unreadable: {exc}", 500) from exc
+            raise SyncError(f"{method}: a worker answered something unreadable: {exc}", 500) from exc
         stale = [a.call_id for a in answers if a.call_id != call_id]
         if stale:
             self._broken = (
                 f"worker answers out of step: {method} (call {call_id}) received answers of calls {stale}; "
                 "restart this server"
             )
-            raise SyncFailed(self._broken, status_code=500)
+            raise SyncError(self._broken, status_code=500)
         return answers
 
     def _overrun_ended(self, call_id: str) -> None:

@@ -34,7 +34,7 @@ class NotReady(ApiError):
     status_code = 503
 
 
-class SyncFailed(ApiError):
+class SyncError(ApiError):
     """The sync ran and failed (refused manifest, peer died, timeout); the reason names the cause."""
 
     status_code = 502

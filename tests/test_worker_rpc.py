@@ -14,7 +14,7 @@ import pytest
 from inference_worker import worker_rpc
 from inference_worker.worker_results import PollResult, WorkerResult
 from inference_worker.worker_rpc import WorkerRpc, WorkersBusy, tagged
-from rpc.errors import SyncFailed
+from rpc.errors import SyncError
 
 
 class _Engine:
@@ -73,7 +73,7 @@ def test_an_answer_of_another_call_marks_the_server_broken() -> None:
         engine.release["layercast_poll"] = asyncio.Event()
         engine.release["layercast_poll"].set()
         rpc = WorkerRpc(engine)
-        with pytest.raises(SyncFailed, match="out of step"):
+        with pytest.raises(SyncError, match="out of step"):
             await rpc.call("layercast_poll", 1.0, PollResult)
         assert "out of step" in (rpc.health_problem() or "")
         with pytest.raises(WorkersBusy):
