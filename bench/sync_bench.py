@@ -161,6 +161,8 @@ def run_path(
             srv = rep.servers[url]
             syncs.append({
                 "total_s": rep.total_s, "plan_s": rep.plan_s, "quantize_s": rep.quantize_s,
+                "group_check_s": rep.group_check_s, "finite_check_s": rep.finite_check_s,
+                "answer_s": rep.answer_s,
                 "send_s": rep.send_s, "commit_s": rep.commit_s, "bytes": rep.bytes_sent,
                 "tensors": rep.tensors, "server": srv.timings.model_dump(),
                 "wire": {k: getattr(rep.wire, k) for k in ("header_s", "vote_s", "transfer_s", "work_s",

@@ -26,6 +26,7 @@ from configs.api import RuntimeTensor
 from configs.check import CheckRequest, CheckResponse
 from configs.quant import QuantScheme
 from configs.settings import SettingsError, TrainerSettings, cli_parser, load_settings
+from rpc.client import tls_context
 from trainer_side.detect import detect_quant_scheme
 from trainer_side.kernel_layout import KernelLayoutError, fuse_specs
 from trainer_side.preflight import Preflight, preflight
@@ -167,7 +168,9 @@ def check_server(
     out = ServerCheck(url=url, ok=False)
     fuse_error = None
     try:
-        with httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=settings.http_timeout_s) as c:
+        with httpx.Client(
+            base_url=url.rstrip("/"), headers=headers, timeout=settings.http_timeout_s, verify=tls_context()
+        ) as c:
             first = _post_check(c, CheckRequest(load_path=settings.load_path, checkpoint_manifest=entries))
             # vLLM 0.26 nests some routed experts one level deeper: follow the server's names (as push).
             rename = {

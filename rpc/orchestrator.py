@@ -26,7 +26,7 @@ from typing import Any, Literal
 import httpx
 
 from configs.api import UpdateWeightsRequest, UpdateWeightsResponse, WeightsStatus
-from rpc.client import AsyncServerClient, ServerError
+from rpc.client import AsyncServerClient, ServerError, tls_context
 
 PauseMode = Literal["abort", "wait", "keep"]
 Action = Literal["armed", "joined", "skipped"]
@@ -262,7 +262,8 @@ class SyncOrchestrator:
 
         async def one(url: str) -> str | None:
             try:
-                async with httpx.AsyncClient(timeout=self.timeout_s, headers=headers) as http:
+                client = httpx.AsyncClient(timeout=self.timeout_s, headers=headers, verify=tls_context())
+                async with client as http:
                     resp = await http.post(url + path)
             except httpx.HTTPError as exc:
                 return f"POST {path}: {_describe(exc)}"

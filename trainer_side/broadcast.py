@@ -63,11 +63,13 @@ class PushReport:
     weights_version: int
     tensors: int = 0
     bytes_sent: int = 0
+    group_check_s: float = 0.0  # the group's health and every server's status, before the sync
     plan_s: float = 0.0
     finite_check_s: float = 0.0
     quantize_s: float = 0.0
     send_s: float = 0.0
     commit_s: float = 0.0
+    answer_s: float = 0.0  # from the trainer's commit to every server's HTTP answer
     total_s: float = 0.0
     wire: SyncReport | None = None
     servers: dict[str, UpdateWeightsResponse] = field(default_factory=dict)
@@ -368,6 +370,7 @@ class WeightBroadcaster:
         assert self.group is not None
         c = self.config
         t0 = time.perf_counter()
+        report.group_check_s = t0 - started
         header = self._header(model, sync_id, version)
         report.plan_s = time.perf_counter() - t0
         problem = _finite_verdict(model)
@@ -431,7 +434,9 @@ class WeightBroadcaster:
         except BroadcastError as exc:
             wire_error = exc
         wire_ended.append(time.monotonic())
+        answer_start = time.perf_counter()
         results = http.join(answer_grace_s + 30) if http is not None else [None] * len(c.servers)
+        report.answer_s = time.perf_counter() - answer_start
         errors = {
             url: _reason(r) for url, r in zip(c.servers, results, strict=True) if isinstance(r, BaseException)
         }
