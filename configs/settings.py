@@ -171,6 +171,11 @@ class DemoSettings(RoleSettings):
         "engine (a fresh vLLM engine from them); auto: hf for none, engine for FP8",
     )
     bucket_mib: float = Field(default=64.0, gt=0, description="broadcast bucket size in MiB")
+    colocate: bool = Field(
+        default=False,
+        description="trainer and every server on one device, buckets through shared memory (the `ipc` "
+        "backend: CUDA IPC on GPU 0, /dev/shm on CPU)",
+    )
     max_tokens: int = Field(default=8, ge=1, description="greedy tokens generated to verify each step")
     workdir: str | None = Field(default=None, description="model and server logs (default: a temp dir)")
     results_json: str | None = Field(default=None, description="also write the per-step results here")

@@ -112,7 +112,8 @@ class DemoSetup:
         work = Path(s.workdir or tempfile.mkdtemp(prefix="layercast-demo-"))
         if not fp8:
             return cls(s, work, False, torch.float32, torch.device("cpu"), None, reference,
-                       tiny_model_serve_args(), [{} for _ in range(s.servers)])  # fmt: skip
+                       tiny_model_serve_args(), [{} for _ in range(s.servers)],
+                       backend="ipc" if s.colocate else "auto")  # fmt: skip
         # FP8 on GPU: bf16 trainer on GPU 0 (with the reference engines), servers placed by
         # `gpu_placement` (their own GPUs and NCCL, or sharing GPUs over Gloo). The small fixed KV cache
         # keeps every engine small enough to share a GPU.
@@ -122,6 +123,8 @@ class DemoSetup:
             "--gpu-memory-utilization", "0.2",
         ]  # fmt: skip
         gpus, backend = gpu_placement(s.servers, cuda_devices)
+        if s.colocate:  # every server on the trainer's GPU, buckets through CUDA IPC
+            gpus, backend = [0] * s.servers, "ipc"
         envs = [{"CUDA_VISIBLE_DEVICES": str(g)} for g in gpus]
         return cls(s, work, True, torch.bfloat16, torch.device("cuda", 0), quantization_config(s.scheme),
                    reference, serve_args, envs, {"CUDA_VISIBLE_DEVICES": "0"}, backend)  # fmt: skip
@@ -209,6 +212,8 @@ def run(setup: DemoSetup, console: Console) -> int:
             )
         )
         inits = bc.init()
+        assert bc.group is not None
+        console.print(f"broadcast group: backend [bold]{bc.group.backend}[/], {bc.group.world_size} ranks")
         for url, r in inits.items():
             console.print(f"{url}: ranks {r.ranks}, load path [bold]{r.load_path}[/] ({r.load_path_reason})")
         table = Table(title=f"per-step sync timings (scheme {s.scheme})")
