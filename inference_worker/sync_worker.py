@@ -203,7 +203,14 @@ class BroadcastReceiverMixin:
         self._layercast_sync = _SyncState(
             req, group, rank, path, range(req.rank_offset, last + 1), max_bucket
         )
-        manifest = runtime_layout(load_paths.runtime_manifest(model)) if path == "kernel" else None
+        # The runtime layout is answered for the kernel path, and under `auto` wherever the kernel path could
+        # load it (the trainer then moves the group to the kernel path if it produces exactly this layout).
+        kernel_possible = req.load_path == "auto" and not vllm_compat.opaque_runtime_modules(model)
+        manifest = (
+            runtime_layout(load_paths.runtime_manifest(model))
+            if path == "kernel" or kernel_possible
+            else None
+        )
         return InitResult(
             ok=True, rank=rank, load_path=path, load_path_reason=reason, runtime_manifest=manifest
         )

@@ -180,3 +180,25 @@ def test_ipc_trainer_failing_mid_write_leaves_the_server_torn_until_a_full_sync(
         assert_serves(server.url, trainer_model)
     finally:
         bc.close()
+
+
+def test_auto_moves_to_the_kernel_path_when_the_trainer_produces_the_runtime_layout(
+    server: ServerProcess, trainer_model: torch.nn.Module
+) -> None:
+    """`load_path="auto"`: the server (plain tensors here, as on GPU) answers its runtime layout at init;
+    the trainer produces exactly that layout, so its first push re-forms the group on the kernel path."""
+    bc = WeightBroadcaster(
+        BroadcasterConfig(servers=[server.url], inference_config=model_dir(server), master_port=free_port())
+    )
+    try:
+        init = bc.init()[server.url]
+        assert init.load_path == "layerwise" and init.runtime_manifest is not None
+        for step in (1, 2):
+            perturb_(trainer_model, 900 + step)
+            report = bc.push(trainer_model, 500 + step)
+            assert report.servers[server.url].load_path == "kernel"
+            assert report.layout_reason.startswith("kernel layout"), report.layout_reason
+            assert_serves(server.url, trainer_model)
+        assert httpx.get(server.url + "/weights").json()["load_path"] == "kernel"
+    finally:
+        bc.close()

@@ -70,6 +70,7 @@ class PushReport:
     send_s: float = 0.0
     commit_s: float = 0.0
     answer_s: float = 0.0  # from the trainer's commit to every server's HTTP answer
+    layout_reason: str = ""  # why this layout (kernel or checkpoint) was sent
     total_s: float = 0.0
     wire: SyncReport | None = None
     servers: dict[str, UpdateWeightsResponse] = field(default_factory=dict)
@@ -186,6 +187,9 @@ class WeightBroadcaster:
         # none. Cleared by `init()`.
         self._template: tuple[tuple[Any, ...], SyncHeader] | None = None
         self._writer: BucketWriter | str = "not planned"
+        # `load_path="auto"`: whether this group was moved to the kernel path, or why not (None: not tried
+        # yet for this group; reset by a plain `init()`).
+        self.layout_reason: str | None = None
 
     # ------------------------------------------------------------------ init
 
@@ -213,12 +217,15 @@ class WeightBroadcaster:
     async def _workers_per_server(self) -> list[int]:
         return [s.num_workers or 1 for s in await self._statuses()]
 
-    def init(self) -> dict[str, InitBroadcasterResponse]:
-        """Join every server to a fresh group (a rendezvous: all servers are called concurrently)."""
+    def init(self, load_path: str | None = None) -> dict[str, InitBroadcasterResponse]:
+        """Join every server to a fresh group (a rendezvous: all servers are called concurrently).
+        `load_path` overrides the config's for this group (the kernel upgrade of `auto`)."""
         if not _is_sender():
             return {}
         self.close()
         self._template = None
+        if load_path is None:
+            self.layout_reason = None
         c = self.config
         sizes = _run_async(self._workers_per_server)
         offsets = [1 + sum(sizes[:i]) for i in range(len(sizes))]
@@ -231,7 +238,7 @@ class WeightBroadcaster:
                 world_size=world,
                 rank_offset=off,
                 scheme=self.scheme,
-                load_path=c.load_path,
+                load_path=load_path or c.load_path,
                 backend=c.backend,
                 rendezvous_timeout_s=c.rendezvous_timeout_s,
                 step_timeout_s=c.step_timeout_s,
@@ -303,6 +310,32 @@ class WeightBroadcaster:
             )
         return self.init_responses
 
+    def _kernel_upgrade(self, model: nn.Module) -> str:
+        """`load_path="auto"` picks the fastest path proven for the served model: servers that can load the
+        runtime layout answered it at init; when this trainer produces exactly that layout for every
+        server (TP 1), the group is re-formed once on the kernel path. Returns what was decided and why."""
+        resps = list(self.init_responses.values())
+        if not resps or self.layout == "kernel":
+            return f"layout {self.layout}"
+        if any(r.tensor_parallel_size != 1 for r in resps):
+            return "checkpoint layout: a server has tensor parallelism > 1 (the kernel path serves TP 1)"
+        if any(r.runtime_manifest is None for r in resps):
+            return "checkpoint layout: a server cannot load its runtime layout (opaque kernel weights)"
+        specs = [
+            (s.name, s.dtype, s.shape)
+            for s in plan_stream(model, self.scheme, self.name_map, dtype=self._dtype)
+        ]
+        try:
+            self._kernel_specs(specs)
+        except KernelLayoutError as exc:
+            return f"checkpoint layout: this trainer does not produce the servers' runtime layout ({exc})"
+        try:
+            self.init(load_path="kernel")
+        except PushError as exc:
+            self.init()  # back on the servers' own choice
+            return f"checkpoint layout: the kernel path was refused at init ({exc})"
+        return "kernel layout: this trainer produces every server's runtime layout (auto moved to kernel)"
+
     @property
     def layout(self) -> str:
         """`kernel` when the servers load runtime tensors (the trainer fuses), else `checkpoint`."""
@@ -367,8 +400,13 @@ class WeightBroadcaster:
                 pass
             return report
         self._ensure_group()
-        assert self.group is not None
         c = self.config
+        if c.load_path == "auto" and self.layout_reason is None:
+            reason = self._kernel_upgrade(model)
+            self.layout_reason = reason
+            self.logger.info("load path auto: %s", reason)
+        assert self.group is not None
+        report.layout_reason = self.layout_reason or f"load_path={c.load_path}"
         t0 = time.perf_counter()
         report.group_check_s = t0 - started
         header = self._header(model, sync_id, version)
