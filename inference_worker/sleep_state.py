@@ -7,8 +7,8 @@ Colocated RL frees vLLM's GPU memory while the trainer steps: `POST /sleep`, the
 wraps the engine client's own `sleep` and `wake_up` (what vLLM's `/sleep` and `/wake_up` routes call) to
 know which tags are asleep.
 
-Invariant: `problem()` is None only when the weights are awake: no tag seen asleep, or `weights` woken since
-the last sleep, or the engine says it is not sleeping at all.
+Invariant: `problem()` is None exactly when no `sleep` was seen since `weights` last woke. The wrapper is
+installed when the engine client is handed to the plugin, before any route can put the engine to sleep.
 """
 
 from __future__ import annotations
@@ -39,17 +39,12 @@ class SleepState:
         engine_client.sleep, engine_client.wake_up = watched_sleep, watched_wake_up
 
     async def problem(self) -> str | None:
-        """Why a sync may not run now (the weights are asleep), or None."""
+        """Why a sync may not run now (the weights are asleep), or None. vLLM's own `is_sleeping()` is not
+        asked: it is also true while generation is merely paused (`/pause`, `is_scheduler_paused()`), when
+        a sync is exactly right."""
         if "weights" in self.asleep:
             return (
                 "the engine is asleep (vLLM sleep mode) with its weights: POST /wake_up?tags=weights before "
                 "a sync (the KV cache may stay asleep until after it); nothing was loaded"
             )
-        if not self.asleep:
-            is_sleeping = getattr(self._engine, "is_sleeping", None)
-            if is_sleeping is not None and await is_sleeping():
-                return (
-                    "the engine is asleep (vLLM sleep mode, put to sleep before layercast could watch which "
-                    "tags): POST /wake_up before a sync; nothing was loaded"
-                )
         return None
