@@ -404,7 +404,7 @@ class WeightBroadcaster:
         if c.load_path == "auto" and self.layout_reason is None:
             reason = self._kernel_upgrade(model)
             self.layout_reason = reason
-            self.logger.info("load path auto: %s", reason)
+            self.logger.debug("load path auto: %s", reason)  # also in every PushReport.layout_reason
         assert self.group is not None
         report.layout_reason = self.layout_reason or f"load_path={c.load_path}"
         t0 = time.perf_counter()
