@@ -279,6 +279,7 @@ class Group:
         op_timeout_s: float = 600.0,
         device: torch.device | None = None,
         secret: bytes | str | None = None,
+        cancelled: Callable[[], str | None] | None = None,
     ) -> None:
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
@@ -301,6 +302,9 @@ class Group:
         # ipc: the physical device every rank must share (compared at rendezvous)
         self.device_id = device_identity(self.device) if backend == "ipc" else ""
         self._key = secret.encode() if isinstance(secret, str) else secret
+        # Polled by the rendezvous loop (e.g. another thread of this process learned that a peer will never
+        # join): a reason ends the rendezvous on every rank with it, through this rank's own store client.
+        self._cancelled = cancelled
         self._nonce: str | None = None
         self._who0 = "trainer" if rank == 0 else "the trainer"  # rank 0's `who`, once it is known
         self._formed = False
@@ -474,6 +478,9 @@ class Group:
         members: list[dict[str, object]] = []
         ignored = 0
         while True:
+            why = self._cancelled() if self._cancelled is not None else None
+            if why:
+                self._rendezvous_failed(why, members, deadline)
             if self._op("checking the rendezvous verdict", lambda: store.check([_ERROR_KEY])):
                 verdict = self._op("reading the rendezvous verdict", lambda: store.get(_ERROR_KEY))
                 text = verdict.decode()

@@ -27,7 +27,7 @@ from torch import nn
 from broadcaster.control import cancel
 from broadcaster.errors import TAKEN_OVER, BroadcastError
 from broadcaster.framing import make_header
-from broadcaster.group import Group, cancel_rendezvous
+from broadcaster.group import Group
 from broadcaster.report import SyncReport
 from broadcaster.sender import Sender
 from broadcaster.timeouts import Timeouts
@@ -254,15 +254,10 @@ class WeightBroadcaster:
             try:
                 return await client.init_broadcaster(req)
             except Exception as exc:
-                # A server that refused will never join: end the rendezvous now for every rank (unless
-                # ours is already over: then there is no store to tell, and connecting would only wait).
-                # The refusal can come back before this thread's own store is up: retry until it is.
-                why = f"{client.base_url} refused to join: {exc}"
-                give_up = time.monotonic() + c.rendezvous_timeout_s
-                while not rendezvous_over.is_set() and time.monotonic() < give_up:
-                    if await asyncio.to_thread(cancel_rendezvous, c.master_address, c.master_port, why):
-                        break
-                    await asyncio.sleep(0.05)
+                # A server that refused will never join: end the rendezvous now for every rank. The group's
+                # own rendezvous loop (this process, another thread) publishes it through its store client:
+                # a second store client opened here, racing the group's, once left the rendezvous hung.
+                refusals.append(f"{client.base_url} refused to join: {exc}")
                 raise
 
         async def call_all() -> list[InitBroadcasterResponse | BaseException]:
@@ -275,7 +270,7 @@ class WeightBroadcaster:
             finally:
                 await asyncio.gather(*(cl.aclose() for cl in clients))
 
-        rendezvous_over = threading.Event()
+        refusals: list[str] = []
         http = _Background(call_all)
         backend = c.backend if c.backend != "auto" else ("nccl" if torch.cuda.is_available() else "gloo")
         group_error: BaseException | None = None
@@ -289,10 +284,10 @@ class WeightBroadcaster:
                 who="trainer",
                 timeout_s=c.rendezvous_timeout_s,
                 secret=group_secret,
+                cancelled=lambda: refusals[0] if refusals else None,
             )
         except BroadcastError as exc:
             group_error = exc
-        rendezvous_over.set()
         results = http.join(c.rendezvous_timeout_s + c.http_timeout_s + 60)
         errors = {
             url: str(r) for url, r in zip(c.servers, results, strict=True) if isinstance(r, BaseException)
