@@ -63,6 +63,8 @@ def trainer(shape: str, k: int, chunks: Any, acks: Any, ready: Any) -> None:
 
 
 def mem(self: Any, reset: bool = False) -> tuple[int, int]:
+    # A copy of peer_native.mem on purpose: defined in the script run as __main__, vLLM's collective_rpc
+    # pickles it by value, so the engine process need not import `bench`.
     import torch
 
     if reset:

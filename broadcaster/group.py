@@ -738,8 +738,7 @@ class Group:
             raise PeerLost(f"rank {self.rank}: the group at {self.where} was aborted: {self._broken}")
 
     def _backend(self) -> dist.ProcessGroupGloo | dist.ProcessGroupNCCL:
-        if self._broken is not None:
-            raise PeerLost(f"rank {self.rank}: the group at {self.where} was aborted: {self._broken}")
+        self._backend_usable()
         assert self._pg is not None
         return self._pg
 

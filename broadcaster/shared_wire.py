@@ -171,38 +171,19 @@ class _Done:
         return True
 
 
-class _Acked:
-    """Rank 0's work for a slot broadcast: complete once every receiver acked op `n`."""
+class _PolledWork:
+    """A wire op that completes on the poll (`Group.wait` calls `is_completed`) where `_poll()` first
+    answers True; `_poll` does the op's store reads and copies, once."""
 
-    def __init__(self, wire: SharedWire, n: int) -> None:
-        self._wire, self._n, self._done = wire, n, False
+    _done = False
+    _error: Exception | None = None
+
+    def _poll(self) -> bool:
+        raise NotImplementedError
 
     def is_completed(self) -> bool:
         if not self._done:
-            self._done = self._wire._acked(self._n)
-        return self._done
-
-    def wait(self) -> bool:
-        while not self.is_completed():
-            time.sleep(1e-4)
-        return True
-
-
-class _Read:
-    """A receiver's work for broadcast `n`: on the poll that finds it published, copy it into `dst`."""
-
-    def __init__(self, wire: SharedWire, n: int, dst: torch.Tensor) -> None:
-        self._wire, self._n, self._dst = wire, n, dst
-        self._done = False
-        self._error: Exception | None = None
-
-    def is_completed(self) -> bool:
-        if not self._done and self._wire._published(self._n):
-            try:
-                self._wire._read(self._n, self._dst)
-            except SharedWireError as e:
-                self._error = e
-            self._done = True
+            self._done = self._poll()
         return self._done
 
     def wait(self) -> bool:
@@ -213,20 +194,41 @@ class _Read:
         return True
 
 
-class _Reduce:
+class _Acked(_PolledWork):
+    """Rank 0's work for a slot broadcast: complete once every receiver acked op `n`."""
+
+    def __init__(self, wire: SharedWire, n: int) -> None:
+        self._wire, self._n = wire, n
+
+    def _poll(self) -> bool:
+        return self._wire._acked(self._n)
+
+
+class _Read(_PolledWork):
+    """A receiver's work for broadcast `n`: on the poll that finds it published, copy it into `dst` (a
+    `SharedWireError` is kept and raised by `wait`, where `Group.wait` turns it into an abort)."""
+
+    def __init__(self, wire: SharedWire, n: int, dst: torch.Tensor) -> None:
+        self._wire, self._n, self._dst = wire, n, dst
+
+    def _poll(self) -> bool:
+        if not self._wire._published(self._n):
+            return False
+        try:
+            self._wire._read(self._n, self._dst)
+        except SharedWireError as e:
+            self._error = e
+        return True
+
+
+class _Reduce(_PolledWork):
     def __init__(self, wire: SharedWire, m: int, tensor: torch.Tensor, op: dist.ReduceOp.RedOpType) -> None:
         self._wire, self._m, self._tensor, self._op = wire, m, tensor, op
-        self._done = False
 
-    def is_completed(self) -> bool:
-        if not self._done and self._wire._reduce_ready(self._m):
-            self._wire._reduce(self._m, self._tensor, self._op)
-            self._done = True
-        return self._done
-
-    def wait(self) -> bool:
-        while not self.is_completed():
-            time.sleep(1e-4)
+    def _poll(self) -> bool:
+        if not self._wire._reduce_ready(self._m):
+            return False
+        self._wire._reduce(self._m, self._tensor, self._op)
         return True
 
 

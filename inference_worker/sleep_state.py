@@ -20,7 +20,6 @@ TAGS = frozenset({"weights", "kv_cache"})
 
 class SleepState:
     def __init__(self, engine_client: Any) -> None:
-        self._engine = engine_client
         self.asleep: frozenset[str] = frozenset()
         sleep, wake_up = getattr(engine_client, "sleep", None), getattr(engine_client, "wake_up", None)
         if sleep is None or wake_up is None:

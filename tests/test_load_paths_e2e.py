@@ -14,18 +14,14 @@ import httpx
 import pytest
 import torch
 
-from broadcaster.errors import BroadcastError
-from broadcaster.framing import make_header
-from broadcaster.sender import Sender
 from configs.trainer import BroadcasterConfig
 from rpc.demo import PROMPT
 from rpc.launch import ServerProcess, free_port
 from rpc.orchestrator import SyncOrchestrator
-from tests.toy_server import BackgroundPost, assert_serves, model_dir, start_toy_server
+from tests.toy_server import assert_serves, model_dir, send_dying_sync, start_toy_server
 from trainer_side.broadcast import WeightBroadcaster
 from trainer_side.kernel_layout import KernelLayoutError, fuse_specs
 from trainer_side.toy_models import perturb_, toy_config, toy_model
-from trainer_side.walker import iter_layer_chunks, plan_stream
 
 pytestmark = pytest.mark.slow
 # One server for every case: versions only move forward (an older one is refused, 409).
@@ -148,26 +144,7 @@ def test_ipc_trainer_failing_mid_write_leaves_the_server_torn_until_a_full_sync(
         bc.init()
         assert bc.group is not None and bc.group.backend == "ipc"
         version = next(_VERSIONS) + 100
-        specs = plan_stream(trainer_model, bc.scheme)
-        header = make_header(
-            [(s.name, s.dtype, s.shape) for s in specs],
-            sync_id="doomed-ipc",
-            weights_version=version,
-            scheme=bc.scheme,
-            bucket_size=64 * 1024,
-        )
-
-        def dies_halfway() -> Iterator[tuple[str, torch.Tensor]]:
-            tensors = [t for c in iter_layer_chunks(trainer_model, bc.scheme) for t in c.tensors]
-            yield from tensors[: len(tensors) // 2]
-            raise RuntimeError("trainer crashed while quantizing")
-
-        armed = BackgroundPost(
-            server.url + "/update_weights", {"sync_id": "doomed-ipc", "weights_version": version}
-        )
-        with pytest.raises(BroadcastError, match="trainer crashed"):
-            Sender(bc.group).send(header, dies_halfway())
-        answer = armed.response()
+        answer = send_dying_sync(server.url, bc, trainer_model, "doomed-ipc", version)
         assert answer.status_code == 502 and "trainer crashed" in answer.text
         assert httpx.get(server.url + "/weights").json()["state"] == "torn"
         r = httpx.post(

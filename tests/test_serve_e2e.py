@@ -24,6 +24,7 @@ from tests.toy_server import (
     assert_serves,
     generate,
     model_dir,
+    send_dying_sync,
     start_toy_server,
     toy_broadcaster,
 )
@@ -180,25 +181,7 @@ def test_trainer_failing_mid_sync_leaves_server_refusing_until_a_full_sync(
     server: ServerProcess, bc: WeightBroadcaster, trainer_model: torch.nn.Module
 ) -> None:
     bc._ensure_group()
-    assert bc.group is not None
-    specs = plan_stream(trainer_model, bc.scheme)
-    header = make_header(
-        [(s.name, s.dtype, s.shape) for s in specs],
-        sync_id="doomed",
-        weights_version=4,
-        scheme=bc.scheme,
-        bucket_size=64 * 1024,
-    )
-
-    def dies_halfway() -> Iterator[tuple[str, torch.Tensor]]:
-        tensors = [t for c in iter_layer_chunks(trainer_model, bc.scheme) for t in c.tensors]
-        yield from tensors[: len(tensors) // 2]
-        raise RuntimeError("trainer crashed while quantizing")
-
-    armed = BackgroundPost(server.url + "/update_weights", {"sync_id": "doomed", "weights_version": 4}, TOKEN)
-    with pytest.raises(BroadcastError, match="trainer crashed"):
-        Sender(bc.group).send(header, dies_halfway())
-    answer = armed.response()
+    answer = send_dying_sync(server.url, bc, trainer_model, "doomed", 4, TOKEN)
     assert answer.status_code == 502 and "trainer crashed" in answer.text
     status = httpx.get(server.url + "/weights").json()
     assert status["state"] == "torn" and status["weights_version"] == 3

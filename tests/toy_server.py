@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import torch
 
+from broadcaster.errors import BroadcastError
+from broadcaster.framing import make_header
+from broadcaster.sender import Sender
 from configs.trainer import BroadcasterConfig
 from rpc.client import AsyncServerClient
 from rpc.demo import PROMPT, reference_greedy
 from rpc.launch import ServerProcess, free_port, tiny_model_serve_args
 from trainer_side.broadcast import WeightBroadcaster
 from trainer_side.toy_models import save_toy
+from trainer_side.walker import iter_layer_chunks, plan_stream
 
 MAX_TOKENS = 6
 
@@ -92,3 +98,34 @@ class BackgroundPost:
         self._thread.join(timeout_s)
         assert self._response is not None, "the background request did not finish"
         return self._response
+
+
+def send_dying_sync(
+    url: str,
+    bc: WeightBroadcaster,
+    model: torch.nn.Module,
+    sync_id: str,
+    version: int,
+    token: str | None = None,
+) -> httpx.Response:
+    """Arm the server at `url` for `sync_id`, then send it over `bc`'s group with a producer that dies after
+    half the tensors (the sender must raise naming it); returns the server's answer to the armed call."""
+    assert bc.group is not None
+    specs = plan_stream(model, bc.scheme)
+    header = make_header(
+        [(s.name, s.dtype, s.shape) for s in specs],
+        sync_id=sync_id,
+        weights_version=version,
+        scheme=bc.scheme,
+        bucket_size=64 * 1024,
+    )
+
+    def dies_halfway() -> Iterator[tuple[str, torch.Tensor]]:
+        tensors = [t for c in iter_layer_chunks(model, bc.scheme) for t in c.tensors]
+        yield from tensors[: len(tensors) // 2]
+        raise RuntimeError("trainer crashed while quantizing")
+
+    armed = BackgroundPost(url + "/update_weights", {"sync_id": sync_id, "weights_version": version}, token)
+    with pytest.raises(BroadcastError, match="trainer crashed"):
+        Sender(bc.group).send(header, dies_halfway())
+    return armed.response()
