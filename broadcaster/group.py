@@ -211,21 +211,6 @@ def _transport_problem(members: list[dict[str, object]], where: str) -> str | No
     )
 
 
-def cancel_rendezvous(host: str, port: int, reason: str, generation: int = 0, timeout_s: float = 5.0) -> bool:
-    """Fail a rendezvous in progress at host:port from outside it (e.g. the trainer learned over HTTP
-    that a server refused to join): every rank waiting in it raises `RendezvousError(reason)` at once
-    instead of waiting for its deadline. Best effort: False (nothing done) if the store is not reachable
-    (yet: a caller racing rank 0's start retries)."""
-    try:
-        # A plain connect first: torch's client would retry an unreachable host for ~2x `timeout_s`.
-        socket.create_connection((host, port), timeout=min(timeout_s, 1.0)).close()
-        client = _store_client(host, port, timeout_s)
-        dist.PrefixStore(f"layercast/g{generation}/", client).compare_set(_ERROR_KEY, "", reason)
-    except Exception:
-        return False
-    return True
-
-
 class _BoundedStore:
     """The group's store as callers outside this module see it (`group.store`): keys under the group's
     prefix, every operation bounded, and any failure a `PeerLost` that aborts the group (see `Group._op`)."""
