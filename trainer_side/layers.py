@@ -3,8 +3,9 @@
 A chunk is the parameters before the decoder layers, one decoder layer, or the parameters after
 them. Each parameter is a `Source`: where it comes from in the trainer, and which checkpoint tensors
 it becomes (a fused MoE expert tensor becomes one matrix per expert, a quantized Linear weight becomes
-the quantizer's weight and scale). `materialize` makes those tensors, gathering FSDP2 (DTensor)
-shards one parameter at a time, and quantizing shards before the gather when that is bit-exact.
+the quantizer's weight and scale). `prepare` makes those tensors in two phases around one chunk-wide
+gather of FSDP2 (DTensor) shards (`shard_gather.ShardGather`), quantizing shards before the gather
+when that is bit-exact.
 
 NVFP4 weights share a global scale: all of one weight, and all shards of one fused vLLM module
 (q/k/v -> qkv_proj, gate/up -> gate_up_proj, per expert too), since vLLM keeps one per fused module.
@@ -16,7 +17,7 @@ the bits of quantizing the gathered tensor.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -27,6 +28,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from configs.quant import DEFAULT_FUSED_MAPPING, QuantScheme
 from trainer_side.names import NameMap, hf_name, is_quantized, strip_wrappers
+from trainer_side.shard_gather import ShardGather
 
 Shape = tuple[int, ...]
 Named = list[tuple[str, Tensor]]
@@ -212,7 +214,7 @@ def specs_by_output(
 def output_specs(
     src: Source, scheme: QuantScheme, dtype: torch.dtype | None
 ) -> list[tuple[str, torch.dtype, Shape]]:
-    """(name, dtype, shape) of every tensor `materialize` yields for `src`, without touching data."""
+    """(name, dtype, shape) of every tensor `prepare` makes for `src`, without touching data."""
     return [spec for specs in specs_by_output(src, scheme, dtype) for spec in specs]
 
 
@@ -382,75 +384,92 @@ def quantize_before_gather_ok(src: Source, p: DTensor, scheme: QuantScheme) -> b
     return scheme.kind == "fp8_block" and scheme.block_size is not None and rows % scheme.block_size[0] == 0
 
 
-def _gather_dim0(local: Tensor, like: DTensor, full_shape: Shape) -> Tensor:
-    """All-gather `local` (this rank's dim-0 part, sharded like `like`) into the full tensor."""
-    as_bytes = local.element_size() == 1 and local.dtype not in (torch.uint8, torch.int8)
-    wire = local.contiguous().view(torch.uint8) if as_bytes else local.contiguous()  # fp8 goes as bytes
-    stride = tuple(math.prod(full_shape[i + 1 :]) for i in range(len(full_shape)))
-    dt = DTensor.from_local(
-        wire, like.device_mesh, like.placements, run_check=False, shape=torch.Size(full_shape), stride=stride
-    )
-    full = dt.full_tensor()
-    return full.view(local.dtype) if as_bytes else full
+def _shard_group(p: DTensor, mesh_dim: int) -> tuple[dist.ProcessGroup, int, int]:
+    mesh = p.device_mesh
+    return mesh.get_group(mesh_dim), mesh.size(mesh_dim), mesh.get_local_rank(mesh_dim)  # type: ignore[return-value]
 
 
-def _quantize_then_gather(
+Finish = Callable[[Mapping[int, Tensor]], Named]
+
+
+def _prepare_quantized(
     src: Source,
     p: DTensor,
+    mesh_dim: int,
     scheme: QuantScheme,
     dtype: torch.dtype | None,
     amax_of: Mapping[str, Tensor] | None,
-) -> tuple[Named, int]:
-    """The checkpoint tensors of `src` and the bytes this rank received gathering them."""
+    gather: ShardGather,
+) -> Finish:
+    """Quantize this rank's rows of `src` now, queue the codes and scales on `gather`; the returned
+    function assembles the checkpoint tensors from the gathered ones."""
+    group = _shard_group(p, mesh_dim)
     local = p.to_local()
     local = local if dtype is None else local.to(dtype)
     if not src.parts:
         (o,) = src.outputs
-        quantized = _quantize(local, o, scheme, amax_of)
         full_specs = output_specs(src, scheme, dtype)
-        out: Named = []
-        for (name, t), spec in zip(quantized, full_specs, strict=True):
-            # a per-tensor scale (NVFP4's global one) comes from the all-reduced amax: equal on every rank
-            out.append((name, t if len(spec[2]) < 2 else _gather_dim0(t, p, spec[2])))
-        return out, sum(
-            t.numel() * t.element_size() for (_, t), s in zip(out, full_specs, strict=True) if len(s[2]) >= 2
-        )
+        # a per-tensor scale (NVFP4's global one) comes from the all-reduced amax: equal on every rank
+        held = [
+            (name, t if len(spec[2]) < 2 else gather.add(t, spec[2], *group))
+            for (name, t), spec in zip(_quantize(local, o, scheme, amax_of), full_specs, strict=True)
+        ]
+        return lambda full: [(n, full[t] if isinstance(t, int) else t) for n, t in held]
     # Experts: quantize each local expert's matrices, stack per (part, suffix), gather the stacks.
-    rows = math.ceil(p.shape[0] / p.device_mesh.size(_shard_dims(p)[0]))
-    first = rows * p.device_mesh.get_local_rank(_shard_dims(p)[0])
+    n = p.shape[0]
+    first = math.ceil(n / group[1]) * group[2]
     stacks: list[dict[str, list[Tensor]]] = [{} for _ in src.parts]
     for e in range(local.shape[0]):
         for j, part in enumerate(src.parts):
             o = src.outputs[(first + e) * len(src.parts) + j]
             for name, t in _quantize(_matrix(local, e, part, src.transposed), o, scheme, amax_of):
                 stacks[j].setdefault(name.rsplit(".", 1)[-1], []).append(t)
-    n = p.shape[0]
-    full = [{k: _gather_dim0(torch.stack(v), p, (n, *v[0].shape)) for k, v in s.items()} for s in stacks]
+    keys = [{k: gather.add(torch.stack(v), (n, *v[0].shape), *group) for k, v in s.items()} for s in stacks]
     del stacks
-    named: Named = []
-    for e in range(n):
-        for j in range(len(src.parts)):
-            o = src.outputs[e * len(src.parts) + j]
-            named += [(f"{o.module}.{k}", t[e]) for k, t in full[j].items()]
-    return named, sum(t.numel() * t.element_size() for s in full for t in s.values())
+
+    def finish(full: Mapping[int, Tensor]) -> Named:
+        named: Named = []
+        for e in range(n):
+            for j in range(len(src.parts)):
+                o = src.outputs[e * len(src.parts) + j]
+                named += [(f"{o.module}.{k}", full[key][e]) for k, key in keys[j].items()]
+        return named
+
+    return finish
 
 
-def materialize(
-    src: Source, scheme: QuantScheme, dtype: torch.dtype | None, amax_of: Mapping[str, Tensor] | None = None
-) -> tuple[Named, int]:
-    """The checkpoint tensors of `src`, and how many bytes this rank received gathering them.
+def prepare(
+    src: Source,
+    scheme: QuantScheme,
+    dtype: torch.dtype | None,
+    amax_of: Mapping[str, Tensor] | None,
+    gather: ShardGather,
+) -> tuple[Finish, str | None]:
+    """Phase one of making `src`'s checkpoint tensors: queue what must be gathered on `gather` (shards,
+    or their quantized codes when that is bit-exact); after `gather.wait()` the returned function makes
+    the tensors from the gathered ones. Also returns why the shards were gathered before quantizing or
+    alone, when they were (None otherwise).
 
-    `amax_of` is `chunk_global_amaxes` of the chunk (NVFP4). For a DTensor parameter this runs
-    collectives: every rank of its mesh must call it in the same order.
+    `amax_of` is `chunk_global_amaxes` of the chunk (NVFP4). Collective for DTensor parameters sharded
+    other than on dim 0 (they are gathered here, alone): every rank of the mesh calls it in one order.
     """
     p = src.param.detach()
     if not isinstance(p, DTensor):
-        return _convert(src, p, scheme, dtype, amax_of), 0
-    if quantize_before_gather_ok(src, p, scheme):
-        return _quantize_then_gather(src, p, scheme, dtype, amax_of)
+        return lambda _: _convert(src, p, scheme, dtype, amax_of), None
+    shard = _dim0_shard(p)
+    if shard is not None and quantize_before_gather_ok(src, p, scheme):
+        return _prepare_quantized(src, p, shard[0], scheme, dtype, amax_of, gather), None
     if dtype is not None:
         p = p.to(dtype)  # cast the shard, not the gathered tensor: same bits, fewer bytes on the wire
-    full = p.full_tensor()
-    sharded = any(isinstance(pl, Shard) for pl in p.placements)
-    gathered = full.numel() * full.element_size() if sharded else 0
-    return _convert(src, full, scheme, dtype, amax_of), gathered
+    if not _shard_dims(p):  # replicated: every rank holds all of it
+        local = p.to_local()
+        return lambda _: _convert(src, local, scheme, dtype, amax_of), None
+    if shard is None:
+        full = p.full_tensor()
+        reason = f"placements {tuple(p.placements)}: gathered alone, then quantized"
+        return lambda _: _convert(src, full, scheme, dtype, amax_of), reason
+    key = gather.add(p.to_local(), tuple(p.shape), *_shard_group(p, shard[0]))
+    reason = None
+    if any(o.quantize for o in src.outputs):
+        reason = "gathered, then quantized: its shards split quantization groups, or a rank holds none"
+    return lambda full: _convert(src, full[key], scheme, dtype, amax_of), reason

@@ -4,16 +4,18 @@
 yields the same tensors, in the same order, one chunk at a time: the parameters before the decoder
 layers (embeddings), each decoder layer, then the parameters after them (final norm, lm_head).
 
-FSDP2 models: the walk gathers one parameter at a time, so it holds about one chunk. The gathers are
-collectives, so every rank of the FSDP mesh must run `iter_layer_chunks` with the same arguments and
-exhaust it in lockstep; every rank gets the same chunks, and ranks that do not send just drop them.
+FSDP2 models: each chunk's shards are gathered by one collective per process group
+(`shard_gather.ShardGather`), started while the previous chunk is handed out, so the walk holds about
+two chunks. The gathers are collectives, so every rank of the FSDP mesh must run `iter_layer_chunks`
+with the same arguments and exhaust it in lockstep; every rank gets the same chunks, and ranks that do
+not send just drop them.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -25,11 +27,12 @@ from trainer_side.layers import (
     ChunkPlan,
     TensorSpec,
     chunk_global_amaxes,
-    materialize,
     output_specs,
     plan_chunks,
+    prepare,
 )
 from trainer_side.names import NameMap
+from trainer_side.shard_gather import ShardGather
 
 __all__ = [
     "POST_LAYERS",
@@ -46,12 +49,15 @@ __all__ = [
 class LayerChunk:
     """One step of the walk: a decoder layer (`model.layers.3`) or `non_layer.pre` / `non_layer.post`.
 
-    `bytes_gathered` is what this rank received through FSDP gathers for the chunk (0 unsharded).
+    `bytes_gathered` is what this rank received through FSDP gathers for the chunk (0 unsharded);
+    `gathered_before_quantizing` names each sharded parameter that was gathered, then quantized (or
+    gathered alone), with the reason; the others were quantized shard by shard, or needed no quantizing.
     """
 
     label: str
     tensors: list[tuple[str, Tensor]]
     bytes_gathered: int = 0
+    gathered_before_quantizing: dict[str, str] = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
@@ -87,16 +93,29 @@ def plan_stream(
     return specs
 
 
-@torch.no_grad()
-def _build(chunk: ChunkPlan, scheme: QuantScheme, dtype: torch.dtype | None) -> LayerChunk:
-    tensors: list[tuple[str, Tensor]] = []
-    gathered = 0
-    amax_of = chunk_global_amaxes(chunk.sources, scheme, dtype)  # NVFP4 global scales; {} otherwise
-    for src in chunk.sources:
-        named, nbytes = materialize(src, scheme, dtype, amax_of)
-        tensors += named
-        gathered += nbytes
-    return LayerChunk(chunk.label, tensors, gathered)
+class _PendingChunk:
+    """A chunk whose shards are being gathered: `finish()` waits for the gather and makes the tensors."""
+
+    @torch.no_grad()
+    def __init__(self, chunk: ChunkPlan, scheme: QuantScheme, dtype: torch.dtype | None) -> None:
+        self.label = chunk.label
+        self.gather = ShardGather()
+        amax_of = chunk_global_amaxes(chunk.sources, scheme, dtype)  # NVFP4 global scales; {} otherwise
+        self.finishers = []
+        self.notes: dict[str, str] = {}
+        for src in chunk.sources:
+            finish, reason = prepare(src, scheme, dtype, amax_of, self.gather)
+            self.finishers.append(finish)
+            if reason is not None:
+                self.notes[src.trainer_name] = reason
+        self.gather.start()
+
+    @torch.no_grad()
+    def finish(self) -> LayerChunk:
+        full = self.gather.wait()
+        tensors = [t for finish in self.finishers for t in finish(full)]
+        del full, self.finishers
+        return LayerChunk(self.label, tensors, self.gather.bytes_received, self.notes)
 
 
 def iter_layer_chunks(
@@ -109,11 +128,17 @@ def iter_layer_chunks(
     """Yield the model chunk by chunk, tensors named and ordered exactly as `plan_stream` lists them.
 
     The generator keeps nothing of a chunk once it is yielded: a chunk's memory goes when the consumer
-    drops it. Unquantized tensors of an unsharded model are detached views of the parameters (no copy).
+    drops it (it holds the next chunk's gather meanwhile). Unquantized tensors of an unsharded model
+    are detached views of the parameters (no copy).
     """
+    plans = plan_chunks(model, scheme, name_map)
     pending: _ScaleCheck | None = None
-    for chunk in plan_chunks(model, scheme, name_map):
-        built = _build(chunk, scheme, dtype)
+    upcoming = _PendingChunk(plans[0], scheme, dtype) if plans else None
+    for i in range(len(plans)):
+        assert upcoming is not None
+        built = upcoming.finish()
+        # the next chunk's gather runs while this one is checked, handed out and sent
+        upcoming = _PendingChunk(plans[i + 1], scheme, dtype) if i + 1 < len(plans) else None
         check = _ScaleCheck.of(built) if scheme.quantized else None
         if pending is not None:
             pending.raise_if_bad()  # the previous chunk's: long computed, so no stall
