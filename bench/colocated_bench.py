@@ -59,7 +59,7 @@ from bench.common import (
 )
 from bench.sync_bench import run_path, say, verify
 from configs.trainer import BroadcasterConfig
-from rpc.launch import ServerProcess, free_port
+from rpc.tools.launch import ServerProcess, free_port
 from trainer_side.broadcast import PushError, WeightBroadcaster
 
 

@@ -17,7 +17,7 @@ import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from broadcaster.checksum import tensor_checksum
-from rpc.client import AsyncServerClient
+from rpc.client.http_client import AsyncServerClient
 from trainer_side.toy_models import toy_tokenizer
 
 # Qwen3 shapes (public configs of Qwen3-0.6B / 8B / 32B; 0.6B and 8B untied here so every size has an

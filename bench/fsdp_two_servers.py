@@ -50,8 +50,8 @@ from bench.common import (
 )
 from broadcaster.group import Group
 from configs.trainer import BroadcasterConfig
-from rpc.launch import ServerProcess, free_port
-from rpc.orchestrator import SyncOrchestrator
+from rpc.client.orchestrator import SyncOrchestrator
+from rpc.tools.launch import ServerProcess, free_port
 from trainer_side.broadcast import WeightBroadcaster
 from trainer_side.checkpoint import write_hf_checkpoint
 from trainer_side.detect import detect_quant_scheme

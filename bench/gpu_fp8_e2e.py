@@ -59,8 +59,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from broadcaster.errors import SyncRefused
 from configs.api import Backend
 from configs.trainer import BroadcasterConfig
-from rpc.client import AsyncServerClient
-from rpc.launch import ServerProcess, free_port
+from rpc.client.http_client import AsyncServerClient
+from rpc.tools.launch import ServerProcess, free_port
 from trainer_side.broadcast import WeightBroadcaster
 from trainer_side.checkpoint import write_hf_checkpoint
 from trainer_side.detect import detect_quant_scheme

@@ -57,8 +57,8 @@ from bench.common import (
 from broadcaster.group import Group
 from configs.api import UpdateWeightsRequest
 from configs.trainer import BroadcasterConfig
-from rpc.client import AsyncServerClient
-from rpc.launch import ServerProcess, free_port
+from rpc.client.http_client import AsyncServerClient
+from rpc.tools.launch import ServerProcess, free_port
 from trainer_side.broadcast import WeightBroadcaster
 
 

@@ -5,9 +5,10 @@ Precedence, highest first: CLI flags > environment (`LAYERCAST_TRAINER_*`, `LAYE
 `[server]`, `[orchestrator]`) > defaults. `load_settings(TrainerSettings, "run.toml", argv)` returns the
 validated settings; unknown keys anywhere are errors that name the key. `TrainerSettings` is exactly
 `configs.trainer.BroadcasterConfig` (same fields and checks) made loadable; `ServerSettings` is what
-`layercast serve` needs; `OrchestratorSettings` builds a `SyncOrchestrator`; `DemoSettings` are the
-options of `layercast demo` (`[demo]`, `LAYERCAST_DEMO_*`). Secrets (tokens) belong in
-the environment, not in the file; the server token also reads `LAYERCAST_ADMIN_TOKEN` (what the server
+`layercast serve` needs; `OrchestratorSettings` is what `SyncOrchestrator.from_settings` takes (in
+`rpc.client.orchestrator`: configs imports nothing above it); `DemoSettings` are the options of
+`layercast demo` (`[demo]`, `LAYERCAST_DEMO_*`). Secrets (tokens) belong in the environment, not in the
+file; the server token also reads `LAYERCAST_ADMIN_TOKEN` (what the server
 itself reads), or a file named by `[server] token_file`.
 `python -m configs.settings ROLE --config FILE [flags]` prints the resolved settings.
 """
@@ -136,12 +137,6 @@ class OrchestratorSettings(RoleSettings):
     pause: Literal["abort", "wait", "keep"] | None = Field(
         default=None, description="vLLM /pause mode around the swap (needs dev_mode); None: no pause"
     )
-
-    def build(self) -> Any:
-        from rpc.orchestrator import SyncOrchestrator
-
-        token = self.token.get_secret_value() if self.token else None
-        return SyncOrchestrator(self.servers, token, self.timeout_s, http_timeout_s=self.http_timeout_s)
 
 
 DemoScheme = Literal["none", "fp8_block", "fp8_channel", "fp8_tensor"]

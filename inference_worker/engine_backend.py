@@ -1,4 +1,4 @@
-"""The vLLM implementation of `rpc.routes.WeightSyncBackend`: HTTP calls become worker RPCs.
+"""The vLLM implementation of `rpc.server.routes.WeightSyncBackend`: HTTP calls become worker RPCs.
 
 Every worker of the server runs the same `layercast_*` method of `LayercastWorkerExtension` through
 `WorkerRpc` (tagged, bounded `collective_rpc`: a late answer never reaches a later call); the worker

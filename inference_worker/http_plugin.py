@@ -2,7 +2,7 @@
 
 Registered under the `vllm.endpoint_plugins` entry-point group (see pyproject.toml) and enabled by
 `layercast serve` through `VLLM_PLUGINS`; users keep every vLLM route and flag. Also installs the
-middlewares of `rpc.middleware` (the admin guard: bearer auth before any body byte is read, then
+middlewares of `rpc.server.middleware` (the admin guard: bearer auth before any body byte is read, then
 the body limit, 413; the generation gate: 503 while the model
 is torn, no generation while a sync is applied, responses tagged with their weights version), records
 every sync in layercast's Prometheus metrics (served by vLLM's `/metrics`) and makes the `layercast`
@@ -23,10 +23,10 @@ from inference_worker.dry_run import VllmDryRun
 from inference_worker.engine_backend import VllmSyncBackend
 from inference_worker.metrics import default_metrics
 from rpc.errors import NotReady
-from rpc.health import HealthGuard
-from rpc.middleware import AdminGuard, GenerationGate
-from rpc.routes import build_router
-from rpc.weights_gate import WeightsGate
+from rpc.server.health import HealthGuard
+from rpc.server.middleware import AdminGuard, GenerationGate
+from rpc.server.routes import build_router
+from rpc.server.weights_gate import WeightsGate
 
 PLUGIN_NAME = "layercast"
 TOKEN_ENV = "LAYERCAST_ADMIN_TOKEN"

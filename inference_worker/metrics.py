@@ -1,7 +1,7 @@
 """layercast's Prometheus metrics, served by vLLM's own `/metrics` route (prometheus_client's registry).
 
 vLLM 0.26 serves the default `prometheus_client.REGISTRY` on `/metrics` from the API server process,
-which is where our routes run, so `SyncMetrics.observe` (a `rpc.routes` observer) records each
+which is where our routes run, so `SyncMetrics.observe` (a `rpc.server.routes` observer) records each
 `/update_weights` there. With `--api-server-count > 1` vLLM switches prometheus_client to its
 multiprocess mode (`PROMETHEUS_MULTIPROC_DIR`): counters, histograms and the `mostrecent` gauges still
 aggregate across API processes; the scrape-time gauge (`..._seconds_since_last_successful_sync`)
@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
-from rpc.sync_events import OUTCOMES, PHASES, SyncEvent
+from rpc.server.sync_events import OUTCOMES, PHASES, SyncEvent
 
 DURATION_BUCKETS: tuple[float, ...] = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,

@@ -71,7 +71,7 @@ def _fields_table(schema: dict[str, Any], default_of: Callable[[str, dict[str, A
 def openapi() -> dict[str, Any]:
     from fastapi import FastAPI
 
-    from rpc.routes import build_router
+    from rpc.server.routes import build_router
 
     def unused() -> Any:
         raise AssertionError("the docs never call a route")
@@ -207,9 +207,9 @@ def cli_block() -> str:
 
 
 def _cli_block() -> str:
-    from rpc import bench, check, demo
-    from rpc.cli import SERVE_HELP
-    from rpc.cli import main as cli_main
+    from rpc.tools import bench, check, demo
+    from rpc.tools.cli import SERVE_HELP
+    from rpc.tools.cli import main as cli_main
 
     parts = [
         ("layercast --help", _help_of(lambda: cli_main(["--help"]))),

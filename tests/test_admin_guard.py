@@ -2,8 +2,9 @@
 every admin route, strict request fields, and the sync guard (same sync id / older version: 409 unless
 `force`).
 
-The app is `rpc.routes.build_router` over a fake backend behind `rpc.middleware.AdminGuard`, as the vLLM
-plugin installs them; `BodyMeter` (outermost) counts the body bytes anything inside asked for.
+The app is `rpc.server.routes.build_router` over a fake backend behind
+`rpc.server.middleware.AdminGuard`, as the vLLM plugin installs them; `BodyMeter` (outermost) counts the
+body bytes anything inside asked for.
 """
 
 from __future__ import annotations
@@ -28,11 +29,11 @@ from configs.api import (
     WeightsStatus,
 )
 from configs.check import CheckRequest, CheckResponse
-from rpc import sync_guard
-from rpc.client import AsyncServerClient
-from rpc.middleware import ADMIN_PATHS, MAX_ADMIN_BODY_BYTES, AdminGuard
-from rpc.orchestrator import SyncOrchestrator
-from rpc.routes import build_router
+from rpc.client.http_client import AsyncServerClient
+from rpc.client.orchestrator import SyncOrchestrator
+from rpc.server import sync_guard
+from rpc.server.middleware import ADMIN_PATHS, MAX_ADMIN_BODY_BYTES, AdminGuard
+from rpc.server.routes import build_router
 
 TOKEN = "guard-test-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -22,12 +22,12 @@ import torch
 from safetensors import safe_open
 
 from configs.settings import DemoSettings
-from rpc.check import main as check_main
-from rpc.cli import main as cli_main
-from rpc.demo import DemoSetup, parse_settings
-from rpc.demo import main as demo_main
-from rpc.launch import ServerProcess, tiny_model_serve_args
-from rpc.serve_settings import resolve
+from rpc.tools.check import main as check_main
+from rpc.tools.cli import main as cli_main
+from rpc.tools.demo import DemoSetup, parse_settings
+from rpc.tools.demo import main as demo_main
+from rpc.tools.launch import ServerProcess, tiny_model_serve_args
+from rpc.tools.serve_settings import resolve
 from tests.toy_server import generate
 from trainer_side.detect import detect_quant_scheme
 from trainer_side.toy_models import save_toy, toy_config, toy_model
@@ -42,7 +42,7 @@ def layercast(
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("LAYERCAST_")}
     full_env |= {"PYTHONPATH": str(REPO), "COLUMNS": "250"}  # rich: no wrapping inside asserted text
     return subprocess.run(
-        [sys.executable, "-m", "rpc.cli", *args], cwd=REPO, env=full_env | (env or {}),
+        [sys.executable, "-m", "rpc.tools.cli", *args], cwd=REPO, env=full_env | (env or {}),
         capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
 

@@ -25,10 +25,10 @@ from broadcaster.sender import Sender
 from broadcaster.timeouts import Timeouts
 from configs.quant import QuantScheme
 from inference_worker.sync_worker import MAX_BUCKET_ENV
-from rpc.demo import PROMPT, reference_greedy
-from rpc.launch import ServerProcess, free_port
-from rpc.middleware import MAX_ADMIN_BODY_BYTES, VERSION_HEADER
-from rpc.orchestrator import SyncOrchestrator
+from rpc.client.orchestrator import SyncOrchestrator
+from rpc.server.middleware import MAX_ADMIN_BODY_BYTES, VERSION_HEADER
+from rpc.tools.demo import PROMPT, reference_greedy
+from rpc.tools.launch import ServerProcess, free_port
 from tests.toy_server import MAX_TOKENS, BackgroundPost, assert_serves, start_toy_server, toy_broadcaster
 from trainer_side.broadcast import PushError, WeightBroadcaster
 from trainer_side.detect import detect_quant_scheme

@@ -30,8 +30,8 @@ import torch
 
 from configs.trainer import BroadcasterConfig
 from configs.wire import SyncHeader
-from rpc.launch import ServerProcess, free_port, tiny_model_serve_args
-from rpc.middleware import VERSION_HEADER
+from rpc.server.middleware import VERSION_HEADER
+from rpc.tools.launch import ServerProcess, free_port, tiny_model_serve_args
 from tests.toy_server import BackgroundPost, assert_serves
 from trainer_side.broadcast import PushError, PushReport, WeightBroadcaster
 from trainer_side.bucket_writer import BucketWriter

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from rpc.launch import free_port
+from rpc.tools.launch import free_port
 from trainer_side.broadcast import _finite_verdict
 from trainer_side.finite import describe_nonfinite, nonfinite_tensors
 

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from configs.trainer import BroadcasterConfig
-from rpc.demo import PROMPT
-from rpc.launch import ServerProcess, free_port
-from rpc.orchestrator import SyncOrchestrator
+from rpc.client.orchestrator import SyncOrchestrator
+from rpc.tools.demo import PROMPT
+from rpc.tools.launch import ServerProcess, free_port
 from tests.toy_server import assert_serves, model_dir, send_dying_sync, start_toy_server
 from trainer_side.broadcast import WeightBroadcaster
 from trainer_side.kernel_layout import KernelLayoutError, fuse_specs

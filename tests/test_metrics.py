@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from broadcaster.errors import BroadcastError
 from broadcaster.framing import make_header
 from broadcaster.sender import Sender
-from rpc.launch import ServerProcess
+from rpc.tools.launch import ServerProcess
 from tests.toy_server import BackgroundPost, start_toy_server, toy_broadcaster
 from trainer_side.broadcast import PushError, PushReport, WeightBroadcaster
 from trainer_side.toy_models import perturb_, toy_config, toy_model

@@ -142,7 +142,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             log = work / f"{name}.log"
             log_files.append(open(log, "wb"))  # noqa: SIM115 - closed in the finalizer
             argv = host.argv(
-                sys.executable, "-m", "rpc.cli", "serve", str(model_dir),
+                sys.executable, "-m", "rpc.tools.cli", "serve", str(model_dir),
                 "--host", host.address, "--port", str(SERVE_PORT), *SERVE_ARGS,
             )  # fmt: skip
             env = {**_env(host), "LAYERCAST_ADMIN_TOKEN": TOKEN}
@@ -206,8 +206,8 @@ def test_syncs_across_namespaces(cluster: Cluster) -> None:
 
 
 def _generate(url: str) -> tuple[list[int], list[float]]:
-    from rpc.client import AsyncServerClient
-    from rpc.demo import PROMPT
+    from rpc.client.http_client import AsyncServerClient
+    from rpc.tools.demo import PROMPT
 
     async def run() -> dict[str, Any]:
         async with AsyncServerClient(url, timeout_s=60) as c:
@@ -223,8 +223,8 @@ def trainer_main(argv: list[str]) -> int:
     import torch
 
     from configs.trainer import BroadcasterConfig
-    from rpc.demo import PROMPT, reference_greedy
-    from rpc.orchestrator import PartialRetry, SyncOrchestrator
+    from rpc.client.orchestrator import PartialRetry, SyncOrchestrator
+    from rpc.tools.demo import PROMPT, reference_greedy
     from trainer_side.broadcast import WeightBroadcaster
     from trainer_side.toy_models import perturb_, toy_config, toy_model
 

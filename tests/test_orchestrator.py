@@ -14,8 +14,8 @@ import httpx
 import pytest
 import torch
 
-from rpc.launch import ServerProcess, free_port
-from rpc.orchestrator import PauseUnavailable, SyncError, SyncOrchestrator
+from rpc.client.orchestrator import PauseUnavailable, SyncError, SyncOrchestrator
+from rpc.tools.launch import ServerProcess, free_port
 from tests.toy_server import assert_serves, start_toy_server, toy_broadcaster
 from trainer_side.broadcast import WeightBroadcaster
 from trainer_side.toy_models import perturb_, toy_config, toy_model

@@ -1,7 +1,8 @@
 """The package as a user installs it: the wheel built from this tree holds exactly the five top-level
-packages (with `py.typed`), the `layercast` command and vLLM's endpoint-plugin entry point; none of its
-import names collides with an installed distribution's; and the trainer side imports from the wheel alone
-with vLLM, fastapi and uvicorn made unimportable (a trainer environment needs none of them)."""
+packages (with `py.typed`) and every module of the tree, the `layercast` command and vLLM's endpoint-plugin
+entry point; none of its import names collides with an installed distribution's; and the trainer side
+imports from the wheel alone with vLLM, fastapi and uvicorn made unimportable (a trainer environment needs
+none of them)."""
 
 from __future__ import annotations
 
@@ -52,9 +53,12 @@ def test_the_wheel_holds_the_packages_the_command_and_the_plugin(wheel: Path) ->
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert sorted(tops) == PACKAGES
     assert all(f"{pkg}/py.typed" in names for pkg in PACKAGES)
+    modules = {str(p.relative_to(ROOT)) for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
+    missing = sorted(modules - set(names))  # a subpackage left out of pyproject's `packages`
+    assert not missing, f"modules of the source tree missing from the wheel: {missing}"
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
-    assert "layercast = rpc.cli:main" in text
+    assert "layercast = rpc.tools.cli:main" in text
     assert (
         "[vllm.endpoint_plugins]" in text and "inference_worker.http_plugin:LayercastEndpointPlugin" in text
     )
@@ -76,10 +80,12 @@ class Block(importlib.abc.MetaPathFinder):
         if name.split(".")[0] in {SERVER_ONLY!r}:
             raise ImportError(f"{{name}} is not installed in a trainer environment")
 sys.meta_path.insert(0, Block())
-import trainer_side, rpc.client, rpc.orchestrator, configs.trainer, broadcaster.shared_wire
+import trainer_side, rpc.client.http_client, rpc.client.orchestrator, configs.trainer, broadcaster.shared_wire
 from trainer_side import WeightBroadcaster
 from configs.trainer import BroadcasterConfig
-for m in (trainer_side, rpc.client, rpc.orchestrator, configs.trainer, broadcaster.shared_wire):
+modules = (trainer_side, rpc.client.http_client, rpc.client.orchestrator, configs.trainer)
+modules += (broadcaster.shared_wire,)
+for m in modules:
     assert m.__file__.startswith({str(wheel)!r}), m.__file__
 config = BroadcasterConfig(servers=["http://127.0.0.1:1"], inference_config={{"model_type": "qwen3"}})
 WeightBroadcaster(config)

@@ -17,8 +17,8 @@ from broadcaster.errors import BroadcastError
 from broadcaster.framing import make_header
 from broadcaster.sender import Sender
 from configs.trainer import BroadcasterConfig
-from rpc.demo import PROMPT
-from rpc.launch import ServerProcess, free_port
+from rpc.tools.demo import PROMPT
+from rpc.tools.launch import ServerProcess, free_port
 from tests.toy_server import (
     BackgroundPost,
     assert_serves,

@@ -18,6 +18,7 @@ from configs.settings import (
     load_settings,
 )
 from configs.trainer import BroadcasterConfig
+from rpc.client.orchestrator import SyncOrchestrator
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((REPO / "configs" / "examples").glob("*.toml"))
@@ -48,7 +49,7 @@ def test_example_loads_for_every_role(path: Path) -> None:
     cfg = trainer.to_config()
     assert isinstance(cfg, BroadcasterConfig) and cfg.servers == orch.servers
     assert server.serve_argv()[:2] == ["serve", server.model]
-    assert orch.build().servers == orch.servers
+    assert SyncOrchestrator.from_settings(orch).servers == orch.servers
 
 
 def test_env_overrides_file_and_flags_override_env(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -16,9 +16,9 @@ from broadcaster.errors import BroadcastError
 from broadcaster.framing import make_header
 from broadcaster.sender import Sender
 from configs.trainer import BroadcasterConfig
-from rpc.client import AsyncServerClient
-from rpc.demo import PROMPT, reference_greedy
-from rpc.launch import ServerProcess, free_port, tiny_model_serve_args
+from rpc.client.http_client import AsyncServerClient
+from rpc.tools.demo import PROMPT, reference_greedy
+from rpc.tools.launch import ServerProcess, free_port, tiny_model_serve_args
 from trainer_side.broadcast import WeightBroadcaster
 from trainer_side.toy_models import save_toy
 from trainer_side.walker import iter_layer_chunks, plan_stream

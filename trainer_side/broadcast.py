@@ -41,7 +41,7 @@ from configs.api import (
 from configs.quant import QuantScheme
 from configs.trainer import BroadcasterConfig
 from configs.wire import SyncHeader
-from rpc.client import AsyncServerClient
+from rpc.client.http_client import AsyncServerClient
 from trainer_side.bucket_writer import BucketWriter
 from trainer_side.detect import detect_quant_scheme
 from trainer_side.finite import describe_nonfinite, nonfinite_tensors
@@ -384,7 +384,7 @@ class WeightBroadcaster:
         """Send `model`'s weights as `version` to every server; returns when all servers answered.
 
         With `arm=False` the servers' `/update_weights` is started by someone else (the orchestrator,
-        `rpc.orchestrator.SyncOrchestrator`): this only sends, and `report.servers` stays empty."""
+        `rpc.client.orchestrator.SyncOrchestrator`): this only sends, and `report.servers` stays empty."""
         started = time.perf_counter()
         sync_id = sync_id or f"v{version}-{uuid.uuid4().hex[:8]}"
         report = PushReport(sync_id=sync_id, weights_version=version)

@@ -19,7 +19,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
+BENCH_DIR = Path(__file__).resolve().parents[2] / "bench"
 BENCHES: dict[str, tuple[str, str]] = {
     "broadcast": ("broadcast_bench.py", "broadcaster vs raw NCCL broadcast (CPU/Gloo smoke without 2 GPUs)"),
     "quant": ("quant_bench.py", "FP8 quantizer throughput"),

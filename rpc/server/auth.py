@@ -1,9 +1,10 @@
 """The one bearer-token check of layercast's admin routes (engine-independent).
 
-`check_bearer(authorization, token)` is used twice with the same answers: by `rpc.middleware.AdminGuard`,
-which refuses before a single body byte is read, and by the route dependency `rpc.routes.bearer_auth`
-(defense in depth, and what declares the scheme in OpenAPI). The compare is constant-time
-(`secrets.compare_digest`) and neither the token nor what was sent ever appears in an answer.
+`check_bearer(authorization, token)` is used twice with the same answers: by
+`rpc.server.middleware.AdminGuard`, which refuses before a single body byte is read, and by the route
+dependency `rpc.server.routes.bearer_auth` (defense in depth, and what declares the scheme in OpenAPI).
+The compare is constant-time (`secrets.compare_digest`) and neither the token nor what was sent ever
+appears in an answer.
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ class ServerProcess:
         args = [
             sys.executable,
             "-m",
-            "rpc.cli",
+            "rpc.tools.cli",
             "serve",
             str(model_dir),
             "--host",

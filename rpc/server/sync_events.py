@@ -1,6 +1,6 @@
 """What one `/update_weights` call did, as seen by the server's HTTP layer, and its one log line.
 
-`rpc.routes` builds a `SyncEvent` after every `/update_weights` (success or failure) and hands it to
+`rpc.server.routes` builds a `SyncEvent` after every `/update_weights` (success or failure) and hands it to
 the router's observers: `log_sync_event` (always) and, inside vLLM, the Prometheus metrics
 (`inference_worker.metrics`). Outcomes: `ok`, `refused` (a receiver refused the trainer's header: no
 data moved), `timed_out` (a deadline passed), `torn` (this sync failed after loading began and left the

@@ -26,7 +26,8 @@ from typing import Any, Literal
 import httpx
 
 from configs.api import UpdateWeightsRequest, UpdateWeightsResponse, WeightsStatus
-from rpc.client import AsyncServerClient, ServerError, tls_context
+from configs.settings import OrchestratorSettings
+from rpc.client.http_client import AsyncServerClient, ServerError, tls_context
 
 PauseMode = Literal["abort", "wait", "keep"]
 Action = Literal["armed", "joined", "skipped"]
@@ -230,6 +231,12 @@ class SyncOrchestrator:
         self.timeout_s = timeout_s
         self.http_timeout_s = http_timeout_s
         self.grace_s = grace_s
+
+    @classmethod
+    def from_settings(cls, settings: OrchestratorSettings) -> SyncOrchestrator:
+        """The orchestrator of `[orchestrator]` settings (`configs.settings.OrchestratorSettings`)."""
+        token = settings.token.get_secret_value() if settings.token else None
+        return cls(settings.servers, token, settings.timeout_s, http_timeout_s=settings.http_timeout_s)
 
     def _client(self, url: str) -> AsyncServerClient:
         return AsyncServerClient(url, self.token, self.http_timeout_s)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from rpc.middleware import ASGIApp, Receive, Scope, Send, answer_json
+from rpc.server.middleware import ASGIApp, Receive, Scope, Send, answer_json
 
 
 class HealthGuard:

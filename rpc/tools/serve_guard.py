@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rpc.serve_settings import pop_option
+from rpc.tools.serve_settings import pop_option
 
 TOKEN_ENV = "LAYERCAST_ADMIN_TOKEN"  # = inference_worker.http_plugin.TOKEN_ENV (not imported: no vLLM here)
 DEFAULT_HOST = "127.0.0.1"  # what `inference_worker.serve` binds without --host

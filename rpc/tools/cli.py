@@ -36,8 +36,8 @@ def _serve(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(SERVE_HELP)
     from configs.settings import SettingsError
-    from rpc import serve_guard
-    from rpc.serve_settings import apply
+    from rpc.tools import serve_guard
+    from rpc.tools.serve_settings import apply
 
     typed_token = serve_guard.has_flag(argv, "--layercast-token")
     try:
@@ -56,19 +56,19 @@ def _serve(argv: list[str]) -> int:
 
 
 def _demo(argv: list[str]) -> int:
-    from rpc.demo import main as demo_main
+    from rpc.tools.demo import main as demo_main
 
     return demo_main(argv)
 
 
 def _bench(argv: list[str]) -> int:
-    from rpc.bench import main as bench_main
+    from rpc.tools.bench import main as bench_main
 
     return bench_main(argv)
 
 
 def _check(argv: list[str]) -> int:
-    from rpc.check import main as check_main
+    from rpc.tools.check import main as check_main
 
     return check_main(argv)
 

@@ -8,7 +8,7 @@ bearer-token auth on admin routes (constant-time compare, the token never logged
 applied only while no generation runs (it holds the `WeightsGate` exclusive from the trainer's arrival
 until the new version is recorded), and mapping backend errors to status codes with a message that
 names the cause. After every `/update_weights` it logs one line and tells the router's observers
-(metrics) what happened (`rpc.sync_events.SyncEvent`).
+(metrics) what happened (`rpc.server.sync_events.SyncEvent`).
 """
 
 from __future__ import annotations
@@ -32,11 +32,11 @@ from configs.api import (
     WeightsStatus,
 )
 from configs.check import CheckRequest, CheckResponse
-from rpc import sync_guard
-from rpc.auth import check_bearer
 from rpc.errors import ApiError, Conflict, SyncTimedOut
-from rpc.sync_events import Outcome, SyncEvent, SyncObserver, log_sync_event
-from rpc.weights_gate import WeightsGate
+from rpc.server import sync_guard
+from rpc.server.auth import check_bearer
+from rpc.server.sync_events import Outcome, SyncEvent, SyncObserver, log_sync_event
+from rpc.server.weights_gate import WeightsGate
 
 _log = logging.getLogger("layercast.server")
 
@@ -68,7 +68,8 @@ _BEARER = HTTPBearer(auto_error=False, description="the server's LAYERCAST_ADMIN
 
 def bearer_auth(token: str | None) -> Callable[..., None]:
     """A dependency that demands `Authorization: Bearer <token>` when a token is configured (the same
-    check `rpc.middleware.AdminGuard` makes before reading the body: `rpc.auth.check_bearer`)."""
+    check `rpc.server.middleware.AdminGuard` makes before reading the body:
+    `rpc.server.auth.check_bearer`)."""
 
     def check(request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]) -> None:
         failure = check_bearer(request.headers.get("authorization"), token)

@@ -35,9 +35,9 @@ from rich.table import Table
 from configs.api import Backend
 from configs.settings import DemoSettings, SettingsError, cli_parser, load_settings
 from configs.trainer import BroadcasterConfig
-from rpc.client import AsyncServerClient
-from rpc.demo_fp8 import fp8_shape, gpu_placement, quantization_config, scheme_problem
-from rpc.launch import ServerProcess, free_port, tiny_model_serve_args
+from rpc.client.http_client import AsyncServerClient
+from rpc.tools.demo_fp8 import fp8_shape, gpu_placement, quantization_config, scheme_problem
+from rpc.tools.launch import ServerProcess, free_port, tiny_model_serve_args
 from trainer_side.broadcast import WeightBroadcaster
 from trainer_side.checkpoint import write_hf_checkpoint
 from trainer_side.detect import detect_quant_scheme

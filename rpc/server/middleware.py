@@ -1,7 +1,7 @@
 """ASGI middlewares every layercast server installs in front of the app (engine-independent).
 
-- `AdminGuard`: in front of every admin route (`ADMIN_PATHS`: those of `rpc.routes` with the bearer
-  dependency), authenticates first (`rpc.auth.check_bearer`, the same check as the route dependency):
+- `AdminGuard`: in front of every admin route (`ADMIN_PATHS`: those of `rpc.server.routes` with the bearer
+  dependency), authenticates first (`rpc.server.auth.check_bearer`, the same check as the route dependency):
   a request without the server's bearer token gets its 401/403, rendered by the app's own HTTPException
   handler so it is the very answer the dependency gives, before a single body byte is read. Then it caps
   the body at `MAX_ADMIN_BODY_BYTES` (declared or streamed): larger bodies get 413 before anything
@@ -21,8 +21,8 @@ from fastapi import HTTPException
 from fastapi.exception_handlers import http_exception_handler
 from starlette.requests import Request
 
-from rpc.auth import AuthFailure, check_bearer
-from rpc.weights_gate import WeightsGate
+from rpc.server.auth import AuthFailure, check_bearer
+from rpc.server.weights_gate import WeightsGate
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -30,7 +30,8 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-# Every route of `rpc.routes.build_router` with `dependencies=admin` (tests/test_admin_guard.py checks).
+# Every route of `rpc.server.routes.build_router` with `dependencies=admin`
+# (tests/test_admin_guard.py checks).
 ADMIN_PATHS: tuple[str, ...] = ("/init_broadcaster", "/update_weights", "/check")
 MAX_ADMIN_BODY_BYTES = 64 * 1024  # real bodies are < 4 KiB (the largest part is the quant scheme)
 VERSION_HEADER = "X-Layercast-Weights-Version"

@@ -26,7 +26,7 @@ from configs.api import RuntimeTensor
 from configs.check import CheckRequest, CheckResponse
 from configs.quant import QuantScheme
 from configs.settings import SettingsError, TrainerSettings, cli_parser, load_settings
-from rpc.client import tls_context
+from rpc.client.http_client import tls_context
 from trainer_side.detect import detect_quant_scheme
 from trainer_side.kernel_layout import KernelLayoutError, fuse_specs
 from trainer_side.preflight import Preflight, preflight
