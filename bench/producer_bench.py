@@ -12,7 +12,9 @@ floor). Before timing, every bucket the writer fills is compared
 byte for byte with the generic stream's on this GPU.
 
 Run (one GPU): `python3 bench/producer_bench.py --sizes 0.6b,8b,32b --out-dir $OUT`; `--scheme mxfp8` or
-`nvfp4` (compressed-tensors, lm_head kept bf16) runs the same comparison for those formats.
+`nvfp4` (compressed-tensors, lm_head kept bf16) runs the same comparison for those formats. `--dtensor`
+then turns the model into FSDP2 DTensors on a one-rank mesh and times the walker and the writer on it
+against the unsharded writer (kernel layout, the largest bucket size), buckets checked against it.
 """
 
 from __future__ import annotations
@@ -198,7 +200,71 @@ def bench_size(shape: str, args: argparse.Namespace, g: Group, say: Callable[[st
                 f"peak extra {old_peak / 2**20:.0f} / {new_peak / 2**20:.0f} MiB  "
                 f"buckets differing: {mismatched}"
             )
+    if args.dtensor:
+        out["dtensor"] = bench_dtensor(model, args, g, say, shape)
     return out
+
+
+def bench_dtensor(
+    model: torch.nn.Module, args: argparse.Namespace, g: Group, say: Callable[[str], None], shape: str
+) -> dict[str, Any]:
+    """The same model as an FSDP2 model on a one-rank mesh (`fully_shard` per layer, every parameter a
+    DTensor): what the DTensor path costs on top of the unsharded one, with no gather to hide it. The
+    writer's buckets are checked against the unsharded writer's (checksums of every bucket)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from broadcaster.checksum import bucket_checksum
+
+    layout, mib = "kernel", max(int(x) for x in args.bucket_mib.split(","))
+    header = header_for(model, layout, mib << 20)
+    plain = BucketWriter.build(model, SCHEME, header)
+    assert isinstance(plain, BucketWriter), plain
+
+    def sums(writer: BucketWriter) -> list[list[int]]:
+        out = []
+        for k, size in enumerate(header.bucket_sizes):
+            buf = torch.zeros(size, dtype=torch.uint8, device=DEV)
+            writer.fill(k, buf)
+            out.append(bucket_checksum(buf).tolist())
+        assert writer.finish() is None
+        return out
+
+    expected = sums(plain)
+    sender = Sender(g)
+    plain_s, plain_peak = peak_extra(sender, header, lambda w=plain: w, args.syncs)
+    del plain
+    if not dist.is_initialized():
+        dist.init_process_group(
+            "nccl" if DEV.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1
+        )
+    mesh = init_device_mesh(DEV.type, (1,))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    writer = BucketWriter.build(model, SCHEME, header)
+    assert isinstance(writer, BucketWriter), writer
+    differing = sum(a != b for a, b in zip(sums(writer), expected, strict=True))
+    walker_s, walker_peak = peak_extra(sender, header, lambda: generic(model, layout), args.syncs)
+    writer_s, writer_peak = peak_extra(sender, header, lambda: writer, args.syncs)
+    row = {
+        "layout": layout, "bucket_mib": mib, "bytes": header.payload_bytes,
+        "unsharded_writer_s": median(plain_s), "unsharded_writer_s_all": plain_s,
+        "dtensor_walker_s": median(walker_s), "dtensor_walker_s_all": walker_s,
+        "dtensor_writer_s": median(writer_s), "dtensor_writer_s_all": writer_s,
+        "dtensor_writer_vs_unsharded": median(writer_s) / median(plain_s),
+        "unsharded_peak_extra_bytes": plain_peak, "dtensor_walker_peak_extra_bytes": walker_peak,
+        "dtensor_writer_peak_extra_bytes": writer_peak, "buckets_differing_from_unsharded": differing,
+    }  # fmt: skip
+    say(
+        f"[{shape}] DTensor (1-rank FSDP2 mesh) {layout} {mib} MiB: unsharded writer "
+        f"{row['unsharded_writer_s'] * 1e3:.1f} ms, DTensor walker {row['dtensor_walker_s'] * 1e3:.1f} ms, "
+        f"DTensor writer {row['dtensor_writer_s'] * 1e3:.1f} ms ({row['dtensor_writer_vs_unsharded']:.2f}x "
+        f"the unsharded writer); peak extra {plain_peak / 2**20:.0f} / {walker_peak / 2**20:.0f} / "
+        f"{writer_peak / 2**20:.0f} MiB; buckets differing from the unsharded writer: {differing}"
+    )
+    return row
 
 
 def main() -> None:
@@ -209,6 +275,7 @@ def main() -> None:
     ap.add_argument("--bucket-mib", default="256,1024")
     ap.add_argument("--syncs", type=int, default=5)
     ap.add_argument("--no-check", dest="check", action="store_false")
+    ap.add_argument("--dtensor", action="store_true", help="also the model as FSDP2 DTensors (1-rank mesh)")
     ap.add_argument("--out-dir", default="bench/results")
     ap.add_argument("--date", default=datetime.date.today().isoformat())
     args = ap.parse_args()

@@ -550,7 +550,9 @@ class Group:
         give_up = min(now + 5.0, max(now, deadline) + _LINGER_PAST_DEADLINE_S)
         quiet_since: float | None = None
         while (now := time.monotonic()) < give_up:
-            joined = len(self._admit(self._store.get(_MEMBERS_KEY).decode())[0])
+            # `get` of a key nobody set waits for the store's timeout: a refusal can come before any join
+            listed = self._store.check([_MEMBERS_KEY])
+            joined = len(self._admit(self._store.get(_MEMBERS_KEY).decode())[0]) if listed else 0
             if self._store.add(_ACKS_KEY, 0) < joined:
                 quiet_since = None
             elif joined >= expected or (quiet_since is not None and now - quiet_since > _LATE_JOIN_GRACE_S):

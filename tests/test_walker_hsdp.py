@@ -1,7 +1,8 @@
 """The layer walker on 4-rank FSDP2 meshes (Gloo, CPU): HSDP (2 replicas x 2 shards) and 4 uneven shards.
 
 Each walk must equal the unsharded walk bit for bit (checked on a rank of each replica), and gather each
-chunk with one collective: `DTensor.full_tensor` (one collective per parameter) is never called.
+chunk with one collective: `DTensor.full_tensor` (one collective per parameter) is never called. A walk
+closed early on one rank keeps the ranks in lockstep.
 """
 
 from __future__ import annotations
@@ -69,6 +70,15 @@ def worker(rank: int, port: int, layout: str) -> None:
                 n: r for c in iter_layer_chunks(model, FP8_BLOCK, dtype=torch.bfloat16)
                 for n, r in c.gathered_before_quantizing.items()
             }  # fmt: skip
+            # A rank that stops walking early (the sender after a refused sync) drains the gathers: the
+            # other ranks finish their walk, and the next walk is in lockstep again (bit-exact, no hang).
+            walk = iter_layer_chunks(model, FP8_BLOCK, dtype=torch.bfloat16)
+            if rank == 0:
+                next(walk)
+                walk.close()
+            else:
+                assert len(list(walk)) == 4
+            check_walk(model, reference, FP8_BLOCK, torch.bfloat16, quantized_gather=layout == "hsdp")
             if layout == "uneven":
                 assert any("k_proj" in n for n in notes), notes
                 assert all("quantization groups" in r or "holds none" in r for r in notes.values()), notes

@@ -46,6 +46,7 @@ from trainer_side.bucket_writer import BucketWriter
 from trainer_side.detect import detect_quant_scheme
 from trainer_side.finite import describe_nonfinite, nonfinite_tensors
 from trainer_side.kernel_layout import KernelLayoutError, check_against_runtime, fuse_specs, fuse_tensors
+from trainer_side.layers import ChunkGathers, plan_chunks
 from trainer_side.names import NameMap
 from trainer_side.walker import iter_layer_chunks, plan_stream
 
@@ -357,9 +358,9 @@ class WeightBroadcaster:
     # ------------------------------------------------------------------ push
 
     def _timed_stream(
-        self, model: nn.Module, report: PushReport, kernel: bool
+        self, model: nn.Module, report: PushReport, kernel: bool, gathers: ChunkGathers | None = None
     ) -> Iterator[tuple[str, torch.Tensor]]:
-        chunks = iter_layer_chunks(model, self.scheme, self.name_map, dtype=self._dtype)
+        chunks = iter_layer_chunks(model, self.scheme, self.name_map, dtype=self._dtype, gathers=gathers)
         while True:
             t0 = time.perf_counter()
             chunk = next(chunks, None)
@@ -388,12 +389,46 @@ class WeightBroadcaster:
         started = time.perf_counter()
         sync_id = sync_id or f"v{version}-{uuid.uuid4().hex[:8]}"
         report = PushReport(sync_id=sync_id, weights_version=version)
+        # First on every rank (an all-reduce on FSDP trainers): the verdict on non-finite weights.
+        problem = _finite_verdict(model)
+        report.finite_check_s = time.perf_counter() - started
         if not _is_sender():
-            if (problem := _finite_verdict(model)) is not None:
+            if problem is not None:
                 raise PushError(f"sync {sync_id} not started: {problem}")
-            for _ in iter_layer_chunks(model, self.scheme, self.name_map, dtype=self._dtype):
-                pass
+            # The sending rank gathers each chunk with this rank (collectives): run them, make nothing.
+            self._gathers(model).drain()
             return report
+        if problem is not None:
+            with contextlib.suppress(BroadcastError, PushError):
+                self._ensure_group()
+                assert self.group is not None
+                # Servers armed for this sync (by an orchestrator) answer at once, not at their deadline.
+                cancel(self.group, sync_id, problem)
+            message = f"sync {sync_id} not started: {problem}; no server was touched"
+            self.logger.warning("%s (v%d)", message, version)
+            raise PushError(message)
+        gathers = self._gathers(model)
+        try:
+            return self._send(model, version, sync_id, arm, report, started, gathers)
+        finally:
+            if not gathers.done:  # the sync failed before its stream ran them: the other ranks wait
+                gathers.drain()
+
+    def _gathers(self, model: nn.Module) -> ChunkGathers:
+        """This push's FSDP gathers, issued in the same order on every rank (nothing for unsharded models)."""
+        return ChunkGathers(plan_chunks(model, self.scheme, self.name_map), self.scheme, self._dtype)
+
+    def _send(
+        self,
+        model: nn.Module,
+        version: int,
+        sync_id: str,
+        arm: bool,
+        report: PushReport,
+        started: float,
+        gathers: ChunkGathers,
+    ) -> PushReport:
+        group_started = time.perf_counter()
         self._ensure_group()
         c = self.config
         if c.load_path == "auto" and self.layout_reason is None:
@@ -403,18 +438,9 @@ class WeightBroadcaster:
         assert self.group is not None
         report.layout_reason = self.layout_reason or f"load_path={c.load_path}"
         t0 = time.perf_counter()
-        report.group_check_s = t0 - started
+        report.group_check_s = t0 - group_started
         header = self._header(model, sync_id, version)
         report.plan_s = time.perf_counter() - t0
-        problem = _finite_verdict(model)
-        report.finite_check_s = time.perf_counter() - t0 - report.plan_s
-        if problem is not None:
-            # Servers armed for this sync (by an orchestrator) answer at once instead of at their deadline.
-            with contextlib.suppress(BroadcastError):
-                cancel(self.group, sync_id, problem)
-            message = f"sync {sync_id} not started: {problem}; no server was touched"
-            self.logger.warning("%s (v%d)", message, version)
-            raise PushError(message)
         req = UpdateWeightsRequest(sync_id=sync_id, weights_version=version, timeout_s=c.sync_timeout_s)
 
         # Once the trainer's side of the sync is over (`wire_ended`), every server answers within about
@@ -461,7 +487,9 @@ class WeightBroadcaster:
         )
         wire_error: BaseException | None = None
         writer = self._writer if isinstance(self._writer, BucketWriter) else None
-        stream = writer or self._timed_stream(model, report, header.layout == "kernel")
+        if writer is not None:
+            writer.use_gathers(gathers)
+        stream = writer or self._timed_stream(model, report, header.layout == "kernel", gathers)
         try:
             report.wire = sender.send(header, stream)
         except BroadcastError as exc:

@@ -16,8 +16,12 @@ bytes copied piece by piece, so memory stays at the sender's buckets plus at mos
 
 NVFP4's global scale spans a fused group (q/k/v, gate/up, an expert's gate/up, as vLLM keeps one per
 fused module): each fill takes the group's max |x| from its members' parameters (on the device, once
-per group per sync), as the walker does. Not for FSDP2 (DTensor) parameters, whose gathers the walker
-runs: `BucketWriter.build` then returns the reason and the caller uses the generic stream.
+per group per sync), as the walker does.
+
+FSDP2 (DTensor) models: the writer runs the walker's own per-chunk gathers (`layers.ChunkGathers`: the
+same collectives in the same order, so the other ranks just walk), one chunk ahead. A weight whose
+shards were quantized before the gather arrives made and is copied in; one gathered whole is quantized
+into the bucket like an unsharded one. A writer stopped early (`close`) drains the remaining gathers.
 Inf/NaN weights set a device flag (no host sync); `finish()` reads it once, after the last bucket.
 """
 
@@ -35,7 +39,17 @@ from broadcaster.framing import dtype_from_name
 from configs.quant import QuantScheme
 from configs.wire import SyncHeader
 from trainer_side.kernel_layout import plan_targets
-from trainer_side.layers import Source, fused_group, output_tensor, plan_chunks, specs_by_output
+from trainer_side.layers import (
+    ChunkGathers,
+    ChunkPlan,
+    PendingChunk,
+    Prepared,
+    Source,
+    fused_group,
+    output_tensor,
+    plan_chunks,
+    specs_by_output,
+)
 from trainer_side.mx_quantize import tensor_amax
 from trainer_side.names import NameMap
 from trainer_side.quantize import GROUP_MAX_NUMEL, quantize_into, quantize_many_into
@@ -132,9 +146,20 @@ class BucketWriter:
     `finish()`; `build` says whether the model and scheme allow it."""
 
     def __init__(
-        self, writes: list[_Write], header: SyncHeader, scheme: QuantScheme, dtype: torch.dtype | None
+        self,
+        writes: list[_Write],
+        header: SyncHeader,
+        scheme: QuantScheme,
+        dtype: torch.dtype | None,
+        sharded: tuple[list[ChunkPlan], dict[int, tuple[int, int]]] | None = None,
     ) -> None:
         self.scheme, self.dtype = scheme, dtype
+        # FSDP2: the chunk plans, and each source's (chunk, index in chunk); this sync's gathers
+        self._plans, self._chunk_of = sharded or ([], {})
+        self._gathers: ChunkGathers | None = None
+        self._given: ChunkGathers | None = None
+        self._current: PendingChunk | None = None
+        self._made: dict[int, dict[str, Tensor]] = {}  # sources quantized before the gather, by id
         # Weights up to this many elements share one quantizer launch per bucket; 0: one per weight.
         self.group_max_numel = GROUP_MAX_NUMEL
         n = len(header.bucket_sizes)
@@ -175,9 +200,10 @@ class BucketWriter:
     ) -> BucketWriter | str:
         """The writer for `header` (planned by the walker from the same model, scheme, name map and
         dtype; kernel layout: fused, `rename` = fused name -> the worker's), or why it cannot be used."""
-        sources = [s for chunk in plan_chunks(model, scheme, name_map) for s in chunk.sources]
-        if any(isinstance(s.param, DTensor) for s in sources):
-            return "FSDP2 (DTensor) parameters are gathered by the walker"
+        plans = plan_chunks(model, scheme, name_map)
+        sources = [s for chunk in plans for s in chunk.sources]
+        chunk_of = {id(s): (c, i) for c, chunk in enumerate(plans) for i, s in enumerate(chunk.sources)}
+        sharded = any(isinstance(s.param, DTensor) for s in sources)
         specs_of = [specs_by_output(s, scheme, dtype) for s in sources]
         try:
             ranges = _entry_ranges([t for by in specs_of for o in by for t in o], header, rename or {})
@@ -207,18 +233,72 @@ class BucketWriter:
         short = [e.name for e, c in zip(header.entries, covered, strict=True) if c != e.nbytes]
         if short:
             return f"the model's tensors do not cover manifest entries {short[:3]} exactly"
-        return cls(writes, header, scheme, dtype)
+        if not sharded:
+            return cls(writes, header, scheme, dtype)
+        # The gathers run forward only: the writes must reach the chunks in stream order.
+        order = [chunk_of[id(w.source)][0] for w in sorted(writes, key=lambda w: w.first)]
+        if order != sorted(order):
+            return "the manifest does not list the sharded model's chunks in stream order"
+        return cls(writes, header, scheme, dtype, (plans, chunk_of))
 
     # ------------------------------------------------------------------ per sync
 
+    def use_gathers(self, gathers: ChunkGathers) -> None:
+        """FSDP2: run the next sync's gathers from `gathers` (made by the caller from the same model, so
+        that the caller can drain them if the sync never reaches the first fill)."""
+        self._given = gathers
+
+    def _prepared(self, w: _Write) -> Prepared:
+        """FSDP2: `w`'s source, its chunk's gather done (gathering up to that chunk, in order)."""
+        assert self._gathers is not None
+        chunk, index = self._chunk_of[id(w.source)]
+        while self._gathers.index < chunk:
+            self._current = self._gathers.advance()
+            self._made.clear()
+        if self._gathers.index != chunk or self._current is None:
+            raise RuntimeError(f"{w.outs[0].name} of chunk {chunk} came after chunk {self._gathers.index}")
+        return self._current.prepared[index]
+
     def _input(self, w: _Write) -> Tensor:
-        x = output_tensor(w.source, w.source.param.detach(), w.index)
+        if self._gathers is None:
+            x = output_tensor(w.source, w.source.param.detach(), w.index)
+        else:
+            raw = self._prepared(w).raw
+            assert raw is not None and self._current is not None
+            x = output_tensor(w.source, raw(self._current.full), w.index)
         return x if self.dtype is None else x.to(self.dtype)
+
+    def _copy_made(self, w: _Write, buf: Tensor) -> bool:
+        """FSDP2: when `w`'s source was quantized shard by shard and gathered made, copy its outputs
+        into `buf` (or keep them for later buckets) and return True."""
+        if self._gathers is None:
+            return False
+        prepared = self._prepared(w)
+        if prepared.raw is not None:
+            return False
+        assert self._current is not None and self._flag is not None
+        made = self._made.get(id(w.source))
+        if made is None:
+            made = self._made[id(w.source)] = dict(prepared.finish(self._current.full))
+        later: dict[int, Tensor] = {}
+        for j, o in enumerate(w.outs):
+            t = made[o.name]
+            if t.is_floating_point() and t.element_size() >= 2:  # a scale: inf/NaN weights make it so
+                self._flag |= (~torch.isfinite(t).all()).to(torch.int32)
+            if w.in_place(o):
+                _view(buf, o.segments[0], o.dtype, o.shape).copy_(t)
+            else:
+                later[j] = _as_bytes(t)
+        if later:
+            self._pending[id(w)] = later
+        return True
 
     def _write(self, w: _Write, buf: Tensor) -> tuple[Tensor, dict[str, Tensor]] | None:
         """Run `w` into views of `buf` and, for outputs that lie elsewhere, tensors of their own (kept
         as flat bytes in `_pending` until every bucket they reach is filled). A quantized write is
         returned as (input, outputs) for the caller to quantize with the bucket's others."""
+        if self._copy_made(w, buf):
+            return None
         x = self._input(w)
         if not w.quantize:
             (o,) = w.outs
@@ -243,9 +323,11 @@ class BucketWriter:
     def fill(self, k: int, buf: Tensor) -> None:
         """Write bucket `k`'s bytes into `buf` (the bucket's buffer, `bucket_sizes[k]` bytes)."""
         if k == 0:
-            self._pending.clear()
-            self._amaxes.clear()
+            self.close()
             self._flag = torch.zeros(1, dtype=torch.int32, device=buf.device)
+            if self._plans:
+                given, self._given = self._given, None
+                self._gathers = given or ChunkGathers(self._plans, self.scheme, self.dtype)
         if self._group_of:
             for w in self._starts[k]:
                 if (item := self._write(w, buf)) is not None:
@@ -263,22 +345,33 @@ class BucketWriter:
     def _group_amax(self, w: _Write) -> Tensor:
         """max |x| over `w`'s NVFP4 global-scale group (float32 scalar on the device; no host sync)."""
         key = self._group_of[id(w)]
+        if self._gathers is not None:  # the chunk's all-reduced amaxes, as the walker quantizes with
+            self._prepared(w)
+            assert self._current is not None
+            return self._current.amax_of[w.source.outputs[w.index].module]
         if key not in self._amaxes:
             amaxes = [tensor_amax(self._input(m)) for m in self._members[key]]
             self._amaxes[key] = torch.stack(amaxes).amax() if len(amaxes) > 1 else amaxes[0]
         return self._amaxes[key]
 
     def close(self) -> None:
-        """The sync ended early (a failure or a refusal): drop the tensors held for later buckets."""
+        """The sync ended early (a failure or a refusal): drop the tensors held for later buckets, and
+        run the remaining FSDP2 gathers, which the other ranks of the mesh run in their walk."""
         self._pending.clear()
         self._amaxes.clear()
+        self._made.clear()
+        self._current = None
+        gathers, self._gathers = self._gathers, None
+        if gathers is not None and not gathers.done:
+            gathers.drain()
 
     def finish(self) -> str | None:
         """After the last fill: why the stream is bad (inf/NaN weights), or None. One host sync."""
-        self._pending.clear()
-        self._amaxes.clear()
+        self.close()
         if self._flag is None or not int(self._flag.item()):
             return None
+        if self._plans:
+            return "weights of the sharded model hold inf or NaN; refusing to quantize them"
         bad = [
             w.outs[0].name
             for w in self._writes

@@ -371,8 +371,8 @@ def quantize_before_gather_ok(src: Source, p: DTensor, scheme: QuantScheme) -> b
     (fp8_block, when the shard length is a multiple of the block's rows).
     """
     shard = _dim0_shard(p)
-    if shard is None or not all(o.quantize for o in src.outputs):
-        return False
+    if shard is None or shard[1] == 1 or not all(o.quantize for o in src.outputs):
+        return False  # (a mesh of one: nothing to save, and the whole tensor quantizes in one call)
     count = shard[1]
     rows = math.ceil(p.shape[0] / count)
     if rows * (count - 1) >= p.shape[0]:
@@ -438,38 +438,111 @@ def _prepare_quantized(
     return finish
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """Phase one of one source. Once its chunk's gather is done (`full`: the gathered tensors by key),
+    `finish(full)` makes its checkpoint tensors and `raw(full)` is the whole parameter (cast to the
+    walk's dtype) for a writer that quantizes it itself; `raw` is None when this rank gathered the
+    quantized codes instead. `reason`: why its shards were gathered before quantizing, or alone."""
+
+    finish: Finish
+    raw: Callable[[Mapping[int, Tensor]], Tensor] | None
+    reason: str | None = None
+
+
 def prepare(
     src: Source,
     scheme: QuantScheme,
     dtype: torch.dtype | None,
     amax_of: Mapping[str, Tensor] | None,
     gather: ShardGather,
-) -> tuple[Finish, str | None]:
-    """Phase one of making `src`'s checkpoint tensors: queue what must be gathered on `gather` (shards,
-    or their quantized codes when that is bit-exact); after `gather.wait()` the returned function makes
-    the tensors from the gathered ones. Also returns why the shards were gathered before quantizing or
-    alone, when they were (None otherwise).
+) -> Prepared:
+    """Queue on `gather` what `src` needs gathered: its shards, or their quantized codes where that
+    is bit-exact (`quantize_before_gather_ok`). Quantizing happens here for the latter.
 
     `amax_of` is `chunk_global_amaxes` of the chunk (NVFP4). Collective for DTensor parameters sharded
     other than on dim 0 (they are gathered here, alone): every rank of the mesh calls it in one order.
     """
     p = src.param.detach()
     if not isinstance(p, DTensor):
-        return lambda _: _convert(src, p, scheme, dtype, amax_of), None
+        return Prepared(lambda _: _convert(src, p, scheme, dtype, amax_of), lambda _: p)
     shard = _dim0_shard(p)
     if shard is not None and quantize_before_gather_ok(src, p, scheme):
-        return _prepare_quantized(src, p, shard[0], scheme, dtype, amax_of, gather), None
+        return Prepared(_prepare_quantized(src, p, shard[0], scheme, dtype, amax_of, gather), None)
     if dtype is not None:
         p = p.to(dtype)  # cast the shard, not the gathered tensor: same bits, fewer bytes on the wire
     if not _shard_dims(p):  # replicated: every rank holds all of it
         local = p.to_local()
-        return lambda _: _convert(src, local, scheme, dtype, amax_of), None
+        return Prepared(lambda _: _convert(src, local, scheme, dtype, amax_of), lambda _: local)
     if shard is None:
         full = p.full_tensor()
         reason = f"placements {tuple(p.placements)}: gathered alone, then quantized"
-        return lambda _: _convert(src, full, scheme, dtype, amax_of), reason
+        return Prepared(lambda _: _convert(src, full, scheme, dtype, amax_of), lambda _: full, reason)
     key = gather.add(p.to_local(), tuple(p.shape), *_shard_group(p, shard[0]))
     reason = None
-    if any(o.quantize for o in src.outputs):
+    if any(o.quantize for o in src.outputs) and shard[1] > 1:
         reason = "gathered, then quantized: its shards split quantization groups, or a rank holds none"
-    return lambda full: _convert(src, full[key], scheme, dtype, amax_of), reason
+    return Prepared(
+        lambda full: _convert(src, full[key], scheme, dtype, amax_of), lambda full: full[key], reason
+    )
+
+
+class PendingChunk:
+    """One chunk between phases: built, it has quantized what goes quantized, queued and started its
+    gather; `wait()` ends the gather, then `tensors()` makes the checkpoint tensors."""
+
+    @torch.no_grad()
+    def __init__(self, chunk: ChunkPlan, scheme: QuantScheme, dtype: torch.dtype | None) -> None:
+        self.label = chunk.label
+        self.gather = ShardGather()
+        self.amax_of = chunk_global_amaxes(chunk.sources, scheme, dtype)  # NVFP4 global scales; {} otherwise
+        self.prepared = [prepare(src, scheme, dtype, self.amax_of, self.gather) for src in chunk.sources]
+        self.notes = {
+            src.trainer_name: pr.reason
+            for src, pr in zip(chunk.sources, self.prepared, strict=True)
+            if pr.reason is not None
+        }
+        self.gather.start()
+        self.full: Mapping[int, Tensor] = {}
+
+    def wait(self) -> None:
+        self.full = self.gather.wait()
+
+    @torch.no_grad()
+    def tensors(self) -> Named:
+        return [t for pr in self.prepared for t in pr.finish(self.full)]
+
+
+class ChunkGathers:
+    """Runs the chunks' gathers in stream order, one chunk ahead, issuing the same collectives in the
+    same order for every consumer (the walker, the bucket writer), so ranks that walk stay in lockstep
+    with a rank that writes. `advance()` gives the next chunk with its gather done; `drain()` runs the
+    rest without making anything: a consumer that stops early must drain, or the other ranks hang."""
+
+    def __init__(self, plans: list[ChunkPlan], scheme: QuantScheme, dtype: torch.dtype | None) -> None:
+        self.plans, self.scheme, self.dtype = plans, scheme, dtype
+        self.sharded = any(isinstance(s.param, DTensor) for c in plans for s in c.sources)
+        self.index = -1  # of the chunk `advance` gave last
+        self._upcoming = PendingChunk(plans[0], scheme, dtype) if plans else None
+
+    @property
+    def done(self) -> bool:
+        return self._upcoming is None
+
+    def advance(self) -> PendingChunk:
+        current = self._upcoming
+        if current is None:
+            raise IndexError("every chunk was given")
+        current.wait()
+        self.index += 1
+        following = self.index + 1
+        has_next = following < len(self.plans)
+        self._upcoming = PendingChunk(self.plans[following], self.scheme, self.dtype) if has_next else None
+        return current
+
+    def drain(self) -> None:
+        """Run the remaining chunks' collectives (sharded models only; nothing to run otherwise)."""
+        if not self.sharded:
+            self._upcoming = None
+        while not self.done:
+            self.advance()

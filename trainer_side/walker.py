@@ -13,6 +13,7 @@ not send just drop them.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,15 +25,15 @@ from configs.quant import QuantScheme
 from trainer_side.layers import (
     POST_LAYERS,
     PRE_LAYERS,
+    ChunkGathers,
     ChunkPlan,
     TensorSpec,
-    chunk_global_amaxes,
     output_specs,
     plan_chunks,
-    prepare,
 )
 from trainer_side.names import NameMap
-from trainer_side.shard_gather import ShardGather
+
+_LOG = logging.getLogger("layercast.trainer")
 
 __all__ = [
     "POST_LAYERS",
@@ -93,60 +94,44 @@ def plan_stream(
     return specs
 
 
-class _PendingChunk:
-    """A chunk whose shards are being gathered: `finish()` waits for the gather and makes the tensors."""
-
-    @torch.no_grad()
-    def __init__(self, chunk: ChunkPlan, scheme: QuantScheme, dtype: torch.dtype | None) -> None:
-        self.label = chunk.label
-        self.gather = ShardGather()
-        amax_of = chunk_global_amaxes(chunk.sources, scheme, dtype)  # NVFP4 global scales; {} otherwise
-        self.finishers = []
-        self.notes: dict[str, str] = {}
-        for src in chunk.sources:
-            finish, reason = prepare(src, scheme, dtype, amax_of, self.gather)
-            self.finishers.append(finish)
-            if reason is not None:
-                self.notes[src.trainer_name] = reason
-        self.gather.start()
-
-    @torch.no_grad()
-    def finish(self) -> LayerChunk:
-        full = self.gather.wait()
-        tensors = [t for finish in self.finishers for t in finish(full)]
-        del full, self.finishers
-        return LayerChunk(self.label, tensors, self.gather.bytes_received, self.notes)
-
-
 def iter_layer_chunks(
     model: nn.Module,
     scheme: QuantScheme,
     name_map: NameMap | None = None,
     *,
     dtype: torch.dtype | None = None,
+    gathers: ChunkGathers | None = None,
 ) -> Iterator[LayerChunk]:
     """Yield the model chunk by chunk, tensors named and ordered exactly as `plan_stream` lists them.
+    `gathers`: the chunks' gathers, when the caller made them (for the same model, scheme, names, dtype).
 
     The generator keeps nothing of a chunk once it is yielded: a chunk's memory goes when the consumer
     drops it (it holds the next chunk's gather meanwhile). Unquantized tensors of an unsharded model
     are detached views of the parameters (no copy).
     """
-    plans = plan_chunks(model, scheme, name_map)
+    gathers = gathers or ChunkGathers(plan_chunks(model, scheme, name_map), scheme, dtype)
     pending: _ScaleCheck | None = None
-    upcoming = _PendingChunk(plans[0], scheme, dtype) if plans else None
-    for i in range(len(plans)):
-        assert upcoming is not None
-        built = upcoming.finish()
-        # the next chunk's gather runs while this one is checked, handed out and sent
-        upcoming = _PendingChunk(plans[i + 1], scheme, dtype) if i + 1 < len(plans) else None
-        check = _ScaleCheck.of(built) if scheme.quantized else None
+    try:
+        while not gathers.done:
+            current = gathers.advance()  # starts the next chunk's gather: it runs while this one is sent
+            built = LayerChunk(current.label, current.tensors(), current.gather.bytes_received, current.notes)
+            del current
+            check = _ScaleCheck.of(built) if scheme.quantized else None
+            if pending is not None:
+                pending.raise_if_bad()  # the previous chunk's: long computed, so no stall
+            pending = check
+            yield built
+            del built, check  # hold nothing of a yielded chunk but its (small) scales
         if pending is not None:
-            pending.raise_if_bad()  # the previous chunk's: long computed, so no stall
-        pending = check
-        yield built
-        del built, check  # hold nothing of a yielded chunk but its (small) scales
-    if pending is not None:
-        pending.raise_if_bad()
+            pending.raise_if_bad()
+    finally:
+        # Stopped early (the consumer closed the walk, or a check raised): the other ranks of the mesh
+        # walk on, so run the remaining gathers with them.
+        if not gathers.done:
+            try:
+                gathers.drain()
+            except Exception:
+                _LOG.warning("draining the FSDP gathers after an early stop failed", exc_info=True)
 
 
 @dataclass
