@@ -148,3 +148,29 @@ def test_the_trainer_side_and_the_client_load_no_server_stack() -> None:
     loaded = json.loads(done.stdout.strip().splitlines()[-1])
     heavy = [m for m in loaded if any(m == s or m.startswith(f"{s}.") for s in SERVER_STACK)]
     assert not heavy, f"importing trainer_side / rpc.client loaded server-side modules: {heavy}"
+
+
+# Names defined the same way with the same meaning in several modules (a plain alias, not a type).
+SHARED_ALIASES = {"Shape"}
+
+
+def test_one_meaning_per_public_type_name() -> None:
+    """A public class or type alias name is defined once across the packages: `SyncError` in two
+    modules with two meanings makes an `except` catch the wrong one."""
+    where: dict[str, list[str]] = {}
+    for module, path in project_modules().items():
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ClassDef):
+                names = [node.name]
+            elif isinstance(node, ast.Assign | ast.AnnAssign):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                names = [t.id for t in targets if isinstance(t, ast.Name) and t.id[:1].isupper()
+                         and not t.id.isupper()]  # fmt: skip
+            else:
+                continue
+            for name in names:
+                if not name.startswith("_") and name not in SHARED_ALIASES:
+                    where.setdefault(name, []).append(module)
+    twice = {name: mods for name, mods in where.items() if len(mods) > 1}
+    assert not twice, f"type names defined in several modules: {twice}"
+    assert {"SyncHeader", "ManifestEntry", "WeightBroadcaster"} <= set(where), "the scan found no types"

@@ -14,7 +14,7 @@ import httpx
 import pytest
 import torch
 
-from rpc.client.orchestrator import PauseUnavailable, SyncError, SyncOrchestrator
+from rpc.client.orchestrator import PauseUnavailable, StepFailed, SyncOrchestrator
 from rpc.tools.launch import ServerProcess, free_port
 from tests.toy_server import assert_serves, start_toy_server, toy_broadcaster
 from trainer_side.broadcast import WeightBroadcaster
@@ -124,7 +124,7 @@ def test_running_receive_is_followed_not_reentered(
 def test_unreachable_server_is_named_and_nothing_is_armed(server: ServerProcess) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
     orch = SyncOrchestrator([server.url, dead], token=TOKEN, timeout_s=10, http_timeout_s=3)
-    with pytest.raises(SyncError) as info:
+    with pytest.raises(StepFailed) as info:
         orch.sync_step(lambda: pytest.fail("must not send"), "step-x", 9)
     assert dead in str(info.value) and set(info.value.failures) == {dead}
     assert "unreachable" in info.value.failures[dead]
@@ -140,7 +140,7 @@ def test_pause_needs_dev_mode(server: ServerProcess, orch: SyncOrchestrator) -> 
 
 def test_server_timeout_is_named(server: ServerProcess) -> None:
     orch = SyncOrchestrator([server.url], token=TOKEN, timeout_s=2)
-    with pytest.raises(SyncError) as info:
+    with pytest.raises(StepFailed) as info:
         orch.sync_step(lambda: None, "step-lonely", 4)  # the "trainer" never sends
     why = info.value.failures[server.url]
     assert "504" in why and "header" in why and server.url in str(info.value)
@@ -155,7 +155,7 @@ def test_client_deadline_is_named(server: ServerProcess, bc: WeightBroadcaster) 
         handle = await orch.arm("step-slow", 4)
         await handle.wait(timeout_s=0.5)
 
-    with pytest.raises(SyncError, match=r"timed out after 0\.5 s") as info:
+    with pytest.raises(StepFailed, match=r"timed out after 0\.5 s") as info:
         asyncio.run(run())
     assert set(info.value.failures) == {server.url}
     _wait_not_syncing(server.url)  # the server's own 3 s timeout ends its receive

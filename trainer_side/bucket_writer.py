@@ -43,7 +43,7 @@ from trainer_side.layers import (
     ChunkGathers,
     ChunkPlan,
     PendingChunk,
-    Prepared,
+    PreparedSource,
     Source,
     fused_group,
     output_tensor,
@@ -248,7 +248,7 @@ class BucketWriter:
         that the caller can drain them if the sync never reaches the first fill)."""
         self._given = gathers
 
-    def _prepared(self, w: _Write) -> Prepared:
+    def _prepared(self, w: _Write) -> PreparedSource:
         """FSDP2: `w`'s source, its chunk's gather done (gathering up to that chunk, in order)."""
         assert self._gathers is not None
         chunk, index = self._chunk_of[id(w.source)]

@@ -439,7 +439,7 @@ def _prepare_quantized(
 
 
 @dataclass(frozen=True)
-class Prepared:
+class PreparedSource:
     """Phase one of one source. Once its chunk's gather is done (`full`: the gathered tensors by key),
     `finish(full)` makes its checkpoint tensors and `raw(full)` is the whole parameter (cast to the
     walk's dtype) for a writer that quantizes it itself; `raw` is None when this rank gathered the
@@ -456,7 +456,7 @@ def prepare(
     dtype: torch.dtype | None,
     amax_of: Mapping[str, Tensor] | None,
     gather: ShardGather,
-) -> Prepared:
+) -> PreparedSource:
     """Queue on `gather` what `src` needs gathered: its shards, or their quantized codes where that
     is bit-exact (`quantize_before_gather_ok`). Quantizing happens here for the latter.
 
@@ -465,24 +465,24 @@ def prepare(
     """
     p = src.param.detach()
     if not isinstance(p, DTensor):
-        return Prepared(lambda _: _convert(src, p, scheme, dtype, amax_of), lambda _: p)
+        return PreparedSource(lambda _: _convert(src, p, scheme, dtype, amax_of), lambda _: p)
     shard = _dim0_shard(p)
     if shard is not None and quantize_before_gather_ok(src, p, scheme):
-        return Prepared(_prepare_quantized(src, p, shard[0], scheme, dtype, amax_of, gather), None)
+        return PreparedSource(_prepare_quantized(src, p, shard[0], scheme, dtype, amax_of, gather), None)
     if dtype is not None:
         p = p.to(dtype)  # cast the shard, not the gathered tensor: same bits, fewer bytes on the wire
     if not _shard_dims(p):  # replicated: every rank holds all of it
         local = p.to_local()
-        return Prepared(lambda _: _convert(src, local, scheme, dtype, amax_of), lambda _: local)
+        return PreparedSource(lambda _: _convert(src, local, scheme, dtype, amax_of), lambda _: local)
     if shard is None:
         full = p.full_tensor()
         reason = f"placements {tuple(p.placements)}: gathered alone, then quantized"
-        return Prepared(lambda _: _convert(src, full, scheme, dtype, amax_of), lambda _: full, reason)
+        return PreparedSource(lambda _: _convert(src, full, scheme, dtype, amax_of), lambda _: full, reason)
     key = gather.add(p.to_local(), tuple(p.shape), *_shard_group(p, shard[0]))
     reason = None
     if any(o.quantize for o in src.outputs) and shard[1] > 1:
         reason = "gathered, then quantized: its shards split quantization groups, or a rank holds none"
-    return Prepared(
+    return PreparedSource(
         lambda full: _convert(src, full[key], scheme, dtype, amax_of), lambda full: full[key], reason
     )
 

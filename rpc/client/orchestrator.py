@@ -35,7 +35,7 @@ DEV_MODE_HINT = "start the server with VLLM_SERVER_DEV_MODE=1 (vLLM's dev routes
 _POLL_S = 0.2
 
 
-class SyncError(RuntimeError):
+class StepFailed(RuntimeError):
     """A sync did not land everywhere; `failures` maps every failing server URL to its reason."""
 
     def __init__(self, message: str, failures: dict[str, str] | None = None) -> None:
@@ -43,11 +43,11 @@ class SyncError(RuntimeError):
         self.failures = failures or {}
 
 
-class PauseUnavailable(SyncError):
+class PauseUnavailable(StepFailed):
     """`/pause` or `/resume` is missing (404): the server does not run vLLM's dev routes."""
 
 
-class PartialRetry(SyncError):
+class PartialRetry(StepFailed):
     """A retry where some servers already applied this sync id and others did not (the broadcast
     reaches the whole group, so the servers that are done would not listen): use a new sync id."""
 
@@ -150,7 +150,7 @@ class SyncHandle:
 
     async def wait(self, timeout_s: float | None = None) -> dict[str, ServerResult]:
         """Wait (at most `timeout_s` seconds from now; default the orchestrator's timeout plus slack) for
-        every server, resume paused ones, verify `/weights` everywhere; raise `SyncError` naming every
+        every server, resume paused ones, verify `/weights` everywhere; raise `StepFailed` naming every
         server that failed or timed out."""
         if self._waited:
             raise RuntimeError("SyncHandle.wait() was already called")
@@ -178,7 +178,7 @@ class SyncHandle:
         for url, why in resume_errors.items():
             failures[url] = f"{failures[url]}; and {why}" if url in failures else why
         if failures:
-            raise SyncError(
+            raise StepFailed(
                 _failure_message(f"sync {self.sync_id} (version {self.version}) failed", failures), failures
             )
         return self.results
@@ -244,7 +244,7 @@ class SyncOrchestrator:
     # ------------------------------------------------------------------ statuses
 
     async def statuses(self) -> dict[str, WeightsStatus]:
-        """`GET /weights` on every server; raises `SyncError` naming every server that did not answer."""
+        """`GET /weights` on every server; raises `StepFailed` naming every server that did not answer."""
         clients = {u: self._client(u) for u in self.servers}
         try:
             return await self._statuses(clients)
@@ -259,7 +259,7 @@ class SyncOrchestrator:
             if isinstance(g, BaseException)
         }
         if failures:
-            raise SyncError(_failure_message("cannot read the weights status", failures), failures)
+            raise StepFailed(_failure_message("cannot read the weights status", failures), failures)
         return dict(zip(clients, got, strict=True))  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ pause / resume
@@ -287,7 +287,7 @@ class SyncOrchestrator:
         failures = await self._post_dev(urls, f"/pause?mode={mode}")
         if failures:
             await self._resume([u for u in urls if u not in failures])
-            cls = PauseUnavailable if any("404" in f for f in failures.values()) else SyncError
+            cls = PauseUnavailable if any("404" in f for f in failures.values()) else StepFailed
             raise cls(_failure_message("cannot pause generation (nothing was armed)", failures), failures)
 
     async def _resume(self, urls: list[str]) -> dict[str, str]:
@@ -392,7 +392,7 @@ class SyncOrchestrator:
         force: bool = False,
     ) -> SyncStepReport:
         """Arm every server, run `trainer_push()` in this thread (e.g. `lambda: broadcaster.push(model, v,
-        sync_id=sid, arm=False)`), wait, verify; returns the report or raises `SyncError`.
+        sync_id=sid, arm=False)`), wait, verify; returns the report or raises `StepFailed`.
 
         The trainer's group must already be up (`WeightBroadcaster.init()`, again after a failed sync):
         a push that has to re-join would find the armed servers busy. When every server already applied
@@ -443,9 +443,9 @@ class SyncOrchestrator:
         report.servers = handle.results
         server_error: BaseException | None = box.get("error")
         if trainer_error is not None:
-            failures = server_error.failures if isinstance(server_error, SyncError) else {}
+            failures = server_error.failures if isinstance(server_error, StepFailed) else {}
             detail = f"\n{server_error}" if server_error else ""
-            raise SyncError(
+            raise StepFailed(
                 f"sync {sync_id} (version {version}): the trainer's push failed: "
                 f"{type(trainer_error).__name__}: {trainer_error}{detail}",
                 failures,
