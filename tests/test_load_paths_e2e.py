@@ -8,7 +8,6 @@ plain tensors as on GPU and the checkpoint and kernel paths are valid); each tes
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -18,32 +17,20 @@ from configs.trainer import BroadcasterConfig
 from rpc.client.orchestrator import SyncOrchestrator
 from rpc.tools.demo import PROMPT
 from rpc.tools.launch import ServerProcess, free_port
-from tests.toy_server import assert_serves, model_dir, send_dying_sync, start_toy_server
+from tests.toy_server import assert_serves, model_dir, send_dying_sync
 from trainer_side.broadcast import WeightBroadcaster
 from trainer_side.kernel_layout import KernelLayoutError, fuse_specs
-from trainer_side.toy_models import perturb_, toy_config, toy_model
+from trainer_side.toy_models import perturb_
 
 pytestmark = pytest.mark.slow
+TRAINER_SEED = 1
+SERVER_ENV = {"LAYERCAST_CPU_PLAIN_LINEAR": "1", "VLLM_SERVER_DEV_MODE": "1"}
 # One server for every case: versions only move forward (an older one is refused, 409).
 _VERSIONS = itertools.count(1)
 
 
-@pytest.fixture(scope="module")
-def trainer_model() -> torch.nn.Module:
-    return toy_model(toy_config("qwen3", torch.float32), seed=1)
 
 
-@pytest.fixture(scope="module")
-def server(
-    trainer_model: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ServerProcess]:
-    proc = start_toy_server(
-        trainer_model,
-        tmp_path_factory.mktemp("paths"),
-        env={"LAYERCAST_CPU_PLAIN_LINEAR": "1", "VLLM_SERVER_DEV_MODE": "1"},
-    )
-    yield proc
-    proc.stop()
 
 
 @pytest.mark.parametrize("backend", ["gloo", "ipc"])

@@ -20,9 +20,9 @@ from broadcaster.errors import BroadcastError
 from broadcaster.framing import make_header
 from broadcaster.sender import Sender
 from rpc.tools.launch import ServerProcess
-from tests.toy_server import BackgroundPost, start_toy_server, toy_broadcaster
+from tests.toy_server import BackgroundPost
 from trainer_side.broadcast import PushError, PushReport, WeightBroadcaster
-from trainer_side.toy_models import perturb_, toy_config, toy_model
+from trainer_side.toy_models import perturb_
 from trainer_side.walker import iter_layer_chunks, plan_stream
 
 pytestmark = pytest.mark.slow
@@ -61,25 +61,10 @@ class Syncs:
         self.reports: list[PushReport] = []
 
 
-@pytest.fixture(scope="module")
-def trainer_model() -> torch.nn.Module:
-    return toy_model(toy_config("qwen3", torch.float32), seed=0)
 
 
-@pytest.fixture(scope="module")
-def server(
-    trainer_model: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ServerProcess]:
-    proc = start_toy_server(trainer_model, tmp_path_factory.mktemp("metrics"), token=TOKEN)
-    yield proc
-    proc.stop()
 
 
-@pytest.fixture(scope="module")
-def bc(server: ServerProcess) -> Iterator[WeightBroadcaster]:
-    b = toy_broadcaster(server, TOKEN)
-    yield b
-    b.close()
 
 
 @pytest.fixture(scope="module")

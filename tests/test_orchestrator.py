@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -16,34 +15,19 @@ import torch
 
 from rpc.client.orchestrator import PauseUnavailable, StepFailed, SyncOrchestrator
 from rpc.tools.launch import ServerProcess, free_port
-from tests.toy_server import assert_serves, start_toy_server, toy_broadcaster
+from tests.toy_server import assert_serves
 from trainer_side.broadcast import WeightBroadcaster
-from trainer_side.toy_models import perturb_, toy_config, toy_model
+from trainer_side.toy_models import perturb_
 
 pytestmark = pytest.mark.slow
 TOKEN = "orchestrator-test-token"
+BC_INIT = True
 
 
-@pytest.fixture(scope="module")
-def trainer_model() -> torch.nn.Module:
-    return toy_model(toy_config("qwen3", torch.float32), seed=0)
 
 
-@pytest.fixture(scope="module")
-def server(
-    trainer_model: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ServerProcess]:
-    proc = start_toy_server(trainer_model, tmp_path_factory.mktemp("orchestrator"), token=TOKEN)
-    yield proc
-    proc.stop()
 
 
-@pytest.fixture(scope="module")
-def bc(server: ServerProcess) -> Iterator[WeightBroadcaster]:
-    b = toy_broadcaster(server, TOKEN)
-    b.init()
-    yield b
-    b.close()
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ One server per module (vLLM start-up costs ~40 s on CPU); tests run in file orde
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -25,7 +24,6 @@ from tests.toy_server import (
     generate,
     model_dir,
     send_dying_sync,
-    start_toy_server,
     toy_broadcaster,
 )
 from trainer_side.broadcast import PushError, WeightBroadcaster
@@ -37,25 +35,10 @@ TOKEN = "s3cret-token-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-@pytest.fixture(scope="module")
-def trainer_model() -> torch.nn.Module:
-    return toy_model(toy_config("qwen3", torch.float32), seed=0)
 
 
-@pytest.fixture(scope="module")
-def server(
-    trainer_model: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ServerProcess]:
-    proc = start_toy_server(trainer_model, tmp_path_factory.mktemp("serve"), token=TOKEN)
-    yield proc
-    proc.stop()
 
 
-@pytest.fixture(scope="module")
-def bc(server: ServerProcess) -> Iterator[WeightBroadcaster]:
-    b = toy_broadcaster(server, TOKEN)
-    yield b
-    b.close()
 
 
 def test_admin_routes_need_the_token(server: ServerProcess) -> None:
