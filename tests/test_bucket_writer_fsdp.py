@@ -78,3 +78,44 @@ def worker(rank: int, port: int, world: int) -> None:
 @pytest.mark.parametrize("world", [2, 4])
 def test_the_writer_on_a_sharded_model_fills_the_unsharded_buckets(world: int) -> None:
     mp.spawn(worker, args=(free_port(), world), nprocs=world, join=True)
+
+
+def push_worker(rank: int, port: int) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from configs.trainer import BroadcasterConfig
+    from tests.test_walker_fsdp import check_walk
+    from trainer_side.broadcast import PushError, WeightBroadcaster
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        model = moe_model()
+        reference = copy.deepcopy(model) if rank == 0 else None
+        mesh = init_device_mesh("cpu", (2,))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        config = BroadcasterConfig(
+            servers=[f"http://127.0.0.1:{free_port()}"],  # nobody listens: the sync never starts
+            inference_config={"model_type": "qwen3_moe"},
+            rendezvous_timeout_s=20,
+            http_timeout_s=5,
+        )
+        bc = WeightBroadcaster(config)
+        if rank == 0:
+            with pytest.raises(PushError, match="cannot reach inference server"):
+                bc.push(model, 1)
+        else:
+            bc.push(model, 1)  # a non-sending rank runs the gathers and returns
+        # Both ranks ran the same gathers: the next walk is in lockstep and bit-exact.
+        check_walk(model, reference, NONE, torch.bfloat16)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_push_failing_before_its_stream_leaves_the_fsdp_ranks_in_lockstep() -> None:
+    mp.spawn(push_worker, args=(free_port(),), nprocs=2, join=True)
