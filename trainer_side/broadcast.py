@@ -72,6 +72,8 @@ class PushReport:
     commit_s: float = 0.0
     answer_s: float = 0.0  # from the trainer's commit to every server's HTTP answer
     layout_reason: str = ""  # why this layout (kernel or checkpoint) was sent
+    # FSDP2: each parameter whose shards were gathered before quantizing (or alone), and why
+    gathered_before_quantizing: dict[str, str] = field(default_factory=dict)
     total_s: float = 0.0
     wire: SyncReport | None = None
     servers: dict[str, UpdateWeightsResponse] = field(default_factory=dict)
@@ -413,6 +415,7 @@ class WeightBroadcaster:
         finally:
             if not gathers.done:  # the sync failed before its stream ran them: the other ranks wait
                 gathers.drain()
+            report.gathered_before_quantizing = dict(gathers.notes)
 
     def _gathers(self, model: nn.Module) -> ChunkGathers:
         """This push's FSDP gathers, issued in the same order on every rank (nothing for unsharded models)."""

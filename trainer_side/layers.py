@@ -523,6 +523,8 @@ class ChunkGathers:
         self.plans, self.scheme, self.dtype = plans, scheme, dtype
         self.sharded = any(isinstance(s.param, DTensor) for c in plans for s in c.sources)
         self.index = -1  # of the chunk `advance` gave last
+        # every sharded parameter gathered before quantizing (or alone) so far, with the reason
+        self.notes: dict[str, str] = {}
         self._upcoming = PendingChunk(plans[0], scheme, dtype) if plans else None
 
     @property
@@ -534,6 +536,7 @@ class ChunkGathers:
         if current is None:
             raise IndexError("every chunk was given")
         current.wait()
+        self.notes.update(current.notes)
         self.index += 1
         following = self.index + 1
         has_next = following < len(self.plans)
