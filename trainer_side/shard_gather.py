@@ -35,6 +35,7 @@ class _Group:
     pieces: list[tuple[int, Tensor, Shape, int]] = field(default_factory=list)  # (key, local, full, offset)
     total: int = 0
     out: Tensor | None = None
+    packed: Tensor | None = None  # held until the gather is waited for: the collective reads it
     work: dist.Work | None = None
 
 
@@ -87,7 +88,7 @@ class ShardGather:
                 if local.numel():
                     data = local.contiguous().reshape(-1).view(torch.uint8)
                     packed[offset : offset + data.numel()].copy_(data)
-            g.out = torch.empty(g.size * g.total, dtype=torch.uint8, device=device)
+            g.out, g.packed = torch.empty(g.size * g.total, dtype=torch.uint8, device=device), packed
             g.work = dist.all_gather_into_tensor(g.out, packed, group=g.pg, async_op=True)
 
     def wait(self) -> dict[int, Tensor]:
@@ -105,9 +106,9 @@ class ShardGather:
             table = g.out.view(g.size, g.total)
             for key, local, shape, offset in g.pieces:
                 rows, row_bytes = _slot(shape, local.element_size(), g.size)
-                # the slice is strided, so reshape copies it: each full tensor is its own (`out` is freed)
+                # a strided slice, so reshape copies it (unless one piece fills the table: then a view)
                 flat = table[:, offset : offset + rows * row_bytes].reshape(-1)[: shape[0] * row_bytes]
                 full[key] = flat.view(local.dtype).view(shape)
                 self.bytes_received += shape[0] * row_bytes
-            g.out = g.work = None
+            g.out = g.packed = g.work = None
         return full
