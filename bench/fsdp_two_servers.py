@@ -1,5 +1,6 @@
-"""Issue 8's run: a 2-rank FSDP2 trainer (GPUs 0-1, BF16 Qwen3) -> two `layercast serve` vLLM servers
-(GPUs 2 and 3, FP8 blockwise 128x128, `--load-format dummy`), driven by the orchestrator client.
+"""A 2-rank FSDP2 trainer (GPUs 0-1, BF16 Qwen3) -> `layercast serve` vLLM servers (by default two, on
+GPUs 2 and 3; `--servers-on 1`: one, sharing GPU1 with trainer rank 1; FP8 blockwise 128x128,
+`--load-format dummy`), driven by the orchestrator client. Below, "both servers" means every server.
 
   1. the two servers start while the trainer ranks build and shard the model (`fully_shard` per layer);
   2. rank 0 `init()`s the broadcaster with both servers; per step the weights change (every rank
@@ -12,7 +13,9 @@
      servers' greedy tokens and logprobs must equal the fresh server's exactly.
 
     python bench/fsdp_two_servers.py --shape 8b --steps 5 --out-dir bench/results     # 4 GPUs
-    python bench/fsdp_two_servers.py --cpu-smoke                                       # CPU, Gloo, tiny
+    python bench/fsdp_two_servers.py --shape 8b --steps 5 --servers-on 1 --out-dir bench/results
+        # 2 GPUs: the trainer on GPUs 0-1, one server sharing GPU1 with trainer rank 1
+    python bench/fsdp_two_servers.py --cpu-smoke [--servers-on 1]                     # CPU, Gloo, tiny
 """
 
 from __future__ import annotations
@@ -84,6 +87,7 @@ def trainer_rank(rank: int, a: argparse.Namespace, urls: list[str], cfg_dir: str
         for layer in model.model.layers:
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
+        res["params"] = sum(p.numel() for p in model.parameters())  # DTensor: the global count
         sync_cuda()
         if cuda:
             torch.cuda.empty_cache()
@@ -155,11 +159,11 @@ def trainer_rank(rank: int, a: argparse.Namespace, urls: list[str], cfg_dir: str
         dist.destroy_process_group()
 
 
-def _raw_recv(port: int, rank: int, nbytes: int, k: int, gpu: str, cuda: bool) -> None:
+def _raw_recv(port: int, rank: int, world: int, nbytes: int, k: int, gpu: str, cuda: bool) -> None:
     if cuda:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     dev = torch.device("cuda", 0) if cuda else None
-    g = Group("127.0.0.1", port, 3, rank, backend="nccl" if cuda else "gloo", who=f"raw {rank}",
+    g = Group("127.0.0.1", port, world, rank, backend="nccl" if cuda else "gloo", who=f"raw {rank}",
               timeout_s=120, device=dev)  # fmt: skip
     buf = torch.empty(nbytes, dtype=torch.uint8, device=g.device)
     for _ in range(k + 1):
@@ -172,12 +176,13 @@ def raw_to_servers(nbytes: int, a: argparse.Namespace, dev: torch.device) -> lis
     cuda = dev.type == "cuda"
     port = free_port()
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_raw_recv, args=(port, r, nbytes, a.steps, gpu, cuda))
-             for r, gpu in ((1, "2"), (2, "3"))]  # fmt: skip
+    world = 1 + len(a.server_gpus)
+    procs = [ctx.Process(target=_raw_recv, args=(port, r, world, nbytes, a.steps, gpu, cuda))
+             for r, gpu in enumerate(a.server_gpus, start=1)]  # fmt: skip
     for p in procs:
         p.start()
-    g = Group("127.0.0.1", port, 3, 0, backend="nccl" if cuda else "gloo", who="raw sender", timeout_s=120,
-              device=dev if cuda else None)  # fmt: skip
+    g = Group("127.0.0.1", port, world, 0, backend="nccl" if cuda else "gloo", who="raw sender",
+              timeout_s=120, device=dev if cuda else None)  # fmt: skip
     buf = torch.empty(nbytes, dtype=torch.uint8, device=g.device)
     times = []
     for _ in range(a.steps + 1):
@@ -201,13 +206,20 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp/layercast-fsdp2"))
     ap.add_argument("--date", default=datetime.date.today().isoformat())
     ap.add_argument("--ready-timeout", type=float, default=600.0)
+    ap.add_argument("--servers-on", default="2,3", help="GPUs of the servers, one server each")
     ap.add_argument("--cpu-smoke", action="store_true")
     a = ap.parse_args()
+    a.server_gpus = a.servers_on.split(",")
     cuda = not a.cpu_smoke
+    n_servers = len(a.server_gpus)
+    need = max(2, *(int(g) + 1 for g in a.server_gpus))
     if a.cpu_smoke:
         a.shape = "tiny"
-    elif torch.cuda.device_count() < 4:
-        sys.exit(f"needs 4 GPUs, found {torch.cuda.device_count()}")
+    elif torch.cuda.device_count() < need:
+        sys.exit(
+            f"needs {need} GPUs (trainer on 0-1, servers on {a.servers_on}), "
+            f"found {torch.cuda.device_count()}"
+        )
     n_gpu = torch.cuda.device_count() if cuda else 0
     device = f"{n_gpu}x {torch.cuda.get_device_name(0)}" if cuda else "cpu"
     slug = f"{n_gpu}x" + torch.cuda.get_device_name(0).lower().replace(" ", "-") if cuda else "cpu"
@@ -221,7 +233,7 @@ def main() -> int:
         lines.append(line)
 
     a.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = a.out_dir / f"{a.date}-{slug}-fsdp2-two-servers"
+    stem = a.out_dir / f"{a.date}-{slug}-fsdp2-{'two-servers' if n_servers == 2 else f'{n_servers}-server'}"
 
     def save() -> None:
         stem.with_suffix(".txt").write_text("\n".join(lines) + "\n")
@@ -244,15 +256,15 @@ def main() -> int:
     ]
     if cuda:
         common += ["--gpu-memory-utilization", "0.5"]
-        envs = [{"CUDA_VISIBLE_DEVICES": "2"}, {"CUDA_VISIBLE_DEVICES": "3"}, {"CUDA_VISIBLE_DEVICES": "0"}]
+        envs = [{"CUDA_VISIBLE_DEVICES": g} for g in [*a.server_gpus, "0"]]  # the last: the fresh server
     else:
         common += ["--dtype", "float32", "--kv-cache-memory-bytes", str(64 << 20)]
-        envs = [{"LAYERCAST_CPU_PLAIN_LINEAR": "1"}] * 3
+        envs = [{"LAYERCAST_CPU_PLAIN_LINEAR": "1"}] * (n_servers + 1)
     t0 = time.perf_counter()
     servers = [
         ServerProcess(cfg_dir, extra_args=["--load-format", "dummy", *common], env={**env, **envs[i]},
                       log_path=a.work / f"server-{i}.log")
-        for i in range(2)
+        for i in range(n_servers)
     ]  # fmt: skip
     a.fsdp_port, a.group_port = free_port(), free_port()
     ok = False
@@ -260,7 +272,10 @@ def main() -> int:
         for s in servers:
             s.wait_ready(a.ready_timeout)
         result["servers_ready_s"] = time.perf_counter() - t0
-        say(f"[{stamp()}] two servers ready in {result['servers_ready_s']:.0f} s")
+        say(
+            f"[{stamp()}] {n_servers} server(s) on GPU(s) {a.servers_on} ready in "
+            f"{result['servers_ready_s']:.0f} s"
+        )
         urls = [s.url for s in servers]
         for i, s in enumerate(servers):
             if cuda:
@@ -302,7 +317,7 @@ def main() -> int:
             if (cfg_dir / name).exists():
                 shutil.copy(cfg_dir / name, a.work / "fresh" / name)
         t1 = time.perf_counter()
-        with ServerProcess(a.work / "fresh", extra_args=common, env={**env, **envs[2]},
+        with ServerProcess(a.work / "fresh", extra_args=common, env={**env, **envs[-1]},
                            log_path=a.work / "server-fresh.log") as fresh:  # fmt: skip
             fresh.wait_ready(a.ready_timeout)
             result["fresh_ready_s"] = time.perf_counter() - t1
@@ -312,17 +327,27 @@ def main() -> int:
         result["generations_changed_over_steps"] = not compare(first, final)["tokens_equal"]
         ok = all(v["tokens_equal"] and v["max_logprob_diff"] == 0.0 for v in result["vs_fresh"].values())
         result["verified"] = ok
+        result["row"] = {  # the fields every sync benchmark row carries
+            "mode": "fsdp2", "path": a.load_path, "params": outs[0].get("params"),
+            "trainer_ranks": 2, "servers": n_servers, "sync_s": result["sync_s"],
+            "raw_nccl_s": result["raw_nccl_s"], "ratio_vs_raw": result["ratio_vs_raw"],
+            "trainer_peak_extra_bytes": max(o.get("peak_extra_bytes", 0) for o in outs),
+            "inference_peak_extra_bytes": max(
+                result.get(f"server{i}_peak_extra_bytes") or 0 for i in range(n_servers)
+            ),
+            "verified": ok,
+        }  # fmt: skip
         say(
-            f"sync (orchestrated, both servers) median {result['sync_s'] * 1e3:.1f} ms; push median "
-            f"{result['push_s'] * 1e3:.1f} ms; raw NCCL to both {result['raw_nccl_s'] * 1e3:.1f} ms "
+            f"sync (orchestrated, {n_servers} server(s)) median {result['sync_s'] * 1e3:.1f} ms; push median "
+            f"{result['push_s'] * 1e3:.1f} ms; raw NCCL to the server(s) {result['raw_nccl_s'] * 1e3:.1f} ms "
             f"({result['ratio_vs_raw']:.2f}x); {result['bytes_per_sync'] / 1e9:.3f} GB per sync"
         )
         for o in outs:
             say(f"trainer rank {o['rank']}: peak extra {o.get('peak_extra_bytes', 0) / 1e9:.2f} GB "
                 f"(shard {o.get('model_shard_bytes', 0) / 1e9:.2f} GB)")  # fmt: skip
-        for i in range(2):
+        for i in range(n_servers):
             say(f"server {i}: peak extra {(result.get(f'server{i}_peak_extra_bytes') or 0) / 1e9:.2f} GB")
-        say(f"both servers vs a fresh load of the final FP8 checkpoint: {result['vs_fresh']}")
+        say(f"server(s) vs a fresh load of the final FP8 checkpoint: {result['vs_fresh']}")
         for r in syncs:
             warm = " (warm-up)" if r is syncs[0] else ""
             say(f"  step {r['step']}{warm}: sync {r['sync_s'] * 1e3:.1f} ms, "
