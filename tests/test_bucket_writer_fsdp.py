@@ -7,7 +7,6 @@ bucket (a refused sync) leaves the ranks in lockstep: the next sync is bit-exact
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ import torch.multiprocessing as mp
 
 from configs.quant import QuantScheme
 from tests.test_bucket_writer import buckets_of, header_for, spread_amaxes
-from tests.test_walker_fsdp import FP8_BLOCK, NONE, free_port, moe_model
+from tests.test_walker_fsdp import FP8_BLOCK, NONE, free_port, join_gloo, moe_model, shard
 from trainer_side.bucket_writer import BucketWriter
 from trainer_side.walker import iter_layer_chunks
 
@@ -28,19 +27,13 @@ CASES = [(FP8_BLOCK, "kernel"), (FP8_BLOCK, "checkpoint"), (NONE, "checkpoint"),
 
 def worker(rank: int, port: int, world: int) -> None:
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    join_gloo(rank, port, world)
     try:
         model = moe_model()
         spread_amaxes(model)
         reference = copy.deepcopy(model)
-        mesh = init_device_mesh("cpu", (world,))
-        for layer in model.model.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        shard(model, init_device_mesh("cpu", (world,)))
         dtype = torch.bfloat16
         for scheme, layout in CASES:
             for bucket in (4096, 1 << 20):
@@ -82,22 +75,16 @@ def test_the_writer_on_a_sharded_model_fills_the_unsharded_buckets(world: int) -
 
 def push_worker(rank: int, port: int) -> None:
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
     from configs.trainer import BroadcasterConfig
     from tests.test_walker_fsdp import check_walk
     from trainer_side.broadcast import PushError, WeightBroadcaster
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    join_gloo(rank, port, 2)
     try:
         model = moe_model()
         reference = copy.deepcopy(model) if rank == 0 else None
-        mesh = init_device_mesh("cpu", (2,))
-        for layer in model.model.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        shard(model, init_device_mesh("cpu", (2,)))
         config = BroadcasterConfig(
             servers=[f"http://127.0.0.1:{free_port()}"],  # nobody listens: the sync never starts
             inference_config={"model_type": "qwen3_moe"},

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from configs.quant import QuantScheme
-from tests.test_walker_fsdp import WORLD, check_walk, free_port, moe_model
+from tests.test_walker_fsdp import WORLD, check_walk, free_port, join_gloo, moe_model, shard
 from trainer_side.walker import iter_layer_chunks
 
 SCHEMES = [
@@ -35,11 +34,8 @@ SCHEMES = [
 
 def worker(rank: int, port: int, out: dict[str, tuple[int, int]]) -> None:
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    join_gloo(rank, port, WORLD)
     try:
         model = moe_model()
         with torch.no_grad():  # k_proj and the up halves of the experts hold the largest values
@@ -47,10 +43,7 @@ def worker(rank: int, port: int, out: dict[str, tuple[int, int]]) -> None:
             experts = model.model.layers[0].mlp.experts
             experts.gate_up_proj[:, experts.gate_up_proj.shape[1] // 2 :] *= 2
         reference = copy.deepcopy(model) if rank == 0 else None
-        mesh = init_device_mesh("cpu", (WORLD,))
-        for layer in model.model.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        shard(model, init_device_mesh("cpu", (WORLD,)))
         for scheme in SCHEMES:
             check_walk(model, reference, scheme, torch.bfloat16)
         check_walk(model, reference, SCHEMES[1], None)  # fp32 master weights quantized as they are

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
 
 from configs.quant import QuantScheme
 from trainer_side.walker import LayerChunk, iter_layer_chunks
@@ -102,22 +103,34 @@ def check_walk(
         assert layer0.bytes_gathered < numel * 2
 
 
-def worker(rank: int, port: int, quantized: bool) -> None:
-    from torch.distributed.device_mesh import init_device_mesh
+def join_gloo(rank: int, port: int, world: int) -> None:
+    """Join this spawned process to a `world`-rank Gloo default group (one CPU thread per rank)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def shard(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
+    """FSDP2 as trainers apply it: `fully_shard` each decoder layer, then the model; every parameter
+    becomes a DTensor."""
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    assert all(isinstance(p, DTensor) for p in model.parameters())
+    return model
+
+
+def worker(rank: int, port: int, quantized: bool) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    join_gloo(rank, port, WORLD)
     try:
         model = moe_model()
         reference = copy.deepcopy(model) if rank == 0 else None
-        mesh = init_device_mesh("cpu", (WORLD,))
-        for layer in model.model.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        assert all(isinstance(p, DTensor) for p in model.parameters())
+        shard(model, init_device_mesh("cpu", (WORLD,)))
 
         check_walk(model, reference, NONE, None)
         check_walk(model, reference, NONE, torch.bfloat16)

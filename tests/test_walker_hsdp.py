@@ -8,7 +8,6 @@ closed early on one rank keeps the ranks in lockstep.
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
@@ -17,7 +16,16 @@ import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
 
 from configs.quant import QuantScheme
-from tests.test_walker_fsdp import FP8_BLOCK, FP8_CHANNEL, NONE, check_walk, free_port, moe_model
+from tests.test_walker_fsdp import (
+    FP8_BLOCK,
+    FP8_CHANNEL,
+    NONE,
+    check_walk,
+    free_port,
+    join_gloo,
+    moe_model,
+    shard,
+)
 from trainer_side.walker import iter_layer_chunks
 
 WORLD = 4
@@ -26,11 +34,8 @@ MXFP8 = QuantScheme(kind="mxfp8", group_size=32, source="compressed-tensors", ig
 
 def worker(rank: int, port: int, layout: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    join_gloo(rank, port, WORLD)
     try:
         model = moe_model()
         # one rank per replica compares with the unsharded walk (ranks 0 and 3: other replicas under HSDP)
@@ -39,10 +44,7 @@ def worker(rank: int, port: int, layout: str) -> None:
             mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
         else:
             mesh = init_device_mesh("cpu", (WORLD,))  # 3 experts over 4 ranks: one holds none
-        for layer in model.model.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        assert all(isinstance(p, DTensor) for p in model.parameters())
+        shard(model, mesh)
 
         calls = {"gather": 0, "full_tensor": 0}
         real_gather, real_full = dist.all_gather_into_tensor, DTensor.full_tensor
