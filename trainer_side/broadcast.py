@@ -23,6 +23,7 @@ import httpx
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from broadcaster.control import cancel
 from broadcaster.errors import TAKEN_OVER, BroadcastError
@@ -398,7 +399,8 @@ class WeightBroadcaster:
             if problem is not None:
                 raise PushError(f"sync {sync_id} not started: {problem}")
             # The sending rank gathers each chunk with this rank (collectives): run them, make nothing.
-            self._gathers(model).drain()
+            if (peer_gathers := self._gathers(model)) is not None:
+                peer_gathers.drain()
             return report
         if problem is not None:
             with contextlib.suppress(BroadcastError, PushError):
@@ -413,12 +415,16 @@ class WeightBroadcaster:
         try:
             return self._send(model, version, sync_id, arm, report, started, gathers)
         finally:
-            if not gathers.done:  # the sync failed before its stream ran them: the other ranks wait
-                gathers.drain()
-            report.gathered_before_quantizing = dict(gathers.notes)
+            if gathers is not None:
+                if not gathers.done:  # the sync failed before its stream ran them: the other ranks wait
+                    gathers.drain()
+                report.gathered_before_quantizing = dict(gathers.notes)
 
-    def _gathers(self, model: nn.Module) -> ChunkGathers:
-        """This push's FSDP gathers, issued in the same order on every rank (nothing for unsharded models)."""
+    def _gathers(self, model: nn.Module) -> ChunkGathers | None:
+        """This push's FSDP gathers, issued in the same order on every rank; None for an unsharded model
+        (no collectives to keep in step, so no chunk planning on its push)."""
+        if not any(isinstance(p, DTensor) for p in model.parameters()):
+            return None
         return ChunkGathers(plan_chunks(model, self.scheme, self.name_map), self.scheme, self._dtype)
 
     def _send(
@@ -429,7 +435,7 @@ class WeightBroadcaster:
         arm: bool,
         report: PushReport,
         started: float,
-        gathers: ChunkGathers,
+        gathers: ChunkGathers | None,
     ) -> PushReport:
         group_started = time.perf_counter()
         self._ensure_group()
@@ -490,7 +496,7 @@ class WeightBroadcaster:
         )
         wire_error: BaseException | None = None
         writer = self._writer if isinstance(self._writer, BucketWriter) else None
-        if writer is not None:
+        if writer is not None and gathers is not None:
             writer.use_gathers(gathers)
         stream = writer or self._timed_stream(model, report, header.layout == "kernel", gathers)
         try:
