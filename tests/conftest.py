@@ -24,6 +24,14 @@ import torch
 
 VOCAB = 512
 
+ENGINE_ENV: dict[str, str] = {"TORCH_COMPILE_DISABLE": "1"}
+"""Environment of every vLLM engine the tests start: fully eager. ``--enforce-eager`` already runs the model
+eagerly; this also covers the sampler's one ``torch.compile``d function (``compiled_random_sample``, run by
+vLLM's warm-up), whose CPU inductor build probes the CPU's vector ISAs by spawning a Python per ISA: about
+16 s of every engine start on the 2-core CI machine (40 s -> 18.5 s per `layercast serve`). The tests
+sample greedily, so nothing they check runs through it. Only engine processes get it: the test process
+and the trainer subprocesses keep ``torch.compile`` (the compiled quantizer tests need it)."""
+
 
 @dataclass(frozen=True)
 class TinyModel:
@@ -100,22 +108,44 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, TinyModel
     return out
 
 
+@contextlib.contextmanager
+def engine_env() -> Iterator[None]:
+    """:data:`ENGINE_ENV` in ``os.environ`` while an in-process `LLM` spawns its engine processes.
+
+    torch reads ``TORCH_COMPILE_DISABLE`` once, when ``torch._dynamo`` is first imported: it is imported
+    here first, so this process keeps compiling whatever happens inside the block."""
+    import torch._dynamo
+
+    old = {k: os.environ.get(k) for k in ENGINE_ENV}
+    os.environ.update(ENGINE_ENV)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    assert not torch._dynamo.config.disable, "the test process lost torch.compile"
+
+
 def start_llm(model_dir: Path, **kwargs: Any) -> Any:
     """One CPU vLLM engine with layercast's worker extension (fp32, eager, small)."""
     from vllm import LLM
 
-    return LLM(
-        model=str(model_dir),
-        skip_tokenizer_init=True,
-        dtype="float32",
-        max_model_len=128,
-        enforce_eager=True,
-        max_num_seqs=4,
-        seed=0,
-        kv_cache_memory_bytes=64 << 20,
-        worker_extension_cls="inference_worker.extension.LayercastWorkerExtension",
-        **kwargs,
-    )
+    with engine_env():
+        return LLM(
+            model=str(model_dir),
+            skip_tokenizer_init=True,
+            dtype="float32",
+            max_model_len=128,
+            enforce_eager=True,
+            max_num_seqs=4,
+            seed=0,
+            kv_cache_memory_bytes=64 << 20,
+            worker_extension_cls="inference_worker.extension.LayercastWorkerExtension",
+            **kwargs,
+        )
 
 
 def stop_llm(llm: Any) -> None:

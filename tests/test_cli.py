@@ -28,6 +28,7 @@ from rpc.tools.demo import DemoSetup, parse_settings
 from rpc.tools.demo import main as demo_main
 from rpc.tools.launch import ServerProcess, tiny_model_serve_args
 from rpc.tools.serve_settings import resolve
+from tests.conftest import ENGINE_ENV
 from tests.toy_server import generate
 from trainer_side.detect import detect_quant_scheme
 from trainer_side.toy_models import save_toy, toy_config, toy_model
@@ -41,6 +42,7 @@ def layercast(
 ) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("LAYERCAST_")}
     full_env |= {"PYTHONPATH": str(REPO), "COLUMNS": "250"}  # rich: no wrapping inside asserted text
+    full_env |= ENGINE_ENV  # the CLI process runs no compiled code of ours on CPU; its engines inherit it
     return subprocess.run(
         [sys.executable, "-m", "rpc.tools.cli", *args], cwd=REPO, env=full_env | (env or {}),
         capture_output=True, text=True, timeout=timeout,
@@ -320,7 +322,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
         f"vllm_args = {json.dumps(args)}\n"
     )
     # The flags (MODEL, --port from ServerProcess) beat the file; the environment beats the file too.
-    env = {"LAYERCAST_SERVER_SERVED_MODEL_NAME": "toy"}
+    env = ENGINE_ENV | {"LAYERCAST_SERVER_SERVED_MODEL_NAME": "toy"}
     proc = ServerProcess(model_dir, extra_args=["--config", str(settings)], token=TOKEN, env=env,
                          log_path=work / "server.log")  # fmt: skip
     try:

@@ -32,6 +32,7 @@ from configs.trainer import BroadcasterConfig
 from configs.wire import SyncHeader
 from rpc.server.middleware import VERSION_HEADER
 from rpc.tools.launch import ServerProcess, free_port, tiny_model_serve_args
+from tests.conftest import ENGINE_ENV
 from tests.toy_server import BackgroundPost, assert_serves
 from trainer_side.broadcast import PushError, PushReport, WeightBroadcaster
 from trainer_side.bucket_writer import BucketWriter
@@ -164,6 +165,7 @@ def serve(work: Path, name: str, port: int | None = None) -> ServerProcess:
         extra_args=tiny_model_serve_args(),
         log_path=work / f"{name}.log",
         token=TOKEN,
+        env=ENGINE_ENV,
     )
 
 

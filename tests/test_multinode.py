@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # when run as a script inside the trainer namespace
     sys.path.insert(0, str(REPO))
 
+from tests.conftest import ENGINE_ENV  # noqa: E402
 from tests.netns import Host, NetnsUnavailable, VirtualNetwork  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.netns]
@@ -145,7 +146,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                 sys.executable, "-m", "rpc.tools.cli", "serve", str(model_dir),
                 "--host", host.address, "--port", str(SERVE_PORT), *SERVE_ARGS,
             )  # fmt: skip
-            env = {**_env(host), "LAYERCAST_ADMIN_TOKEN": TOKEN}
+            env = {**_env(host), **ENGINE_ENV, "LAYERCAST_ADMIN_TOKEN": TOKEN}
             log_file = log_files[-1]
             proc = subprocess.Popen(
                 argv, cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True

@@ -260,6 +260,9 @@ def test_non_contiguous_input() -> None:
 
 def test_compiled_path_matches_vllm_compiled_reference() -> None:
     # One CPU inductor compile each (~10-20 s): the fused graph must keep the eager bits.
+    import torch._dynamo
+
+    assert not torch._dynamo.config.disable, "torch.compile is off here: this would compare eager to eager"
     x = torch.randn(129, 257, dtype=torch.bfloat16) * 0.02
     ours = quantize_weight(x, HF_BLOCK, compiled=True)
     assert_bit_identical(ours, _vllm_block_ref(HF_BLOCK, compiled=True)(x), HF_BLOCK)

@@ -19,6 +19,7 @@ from configs.trainer import BroadcasterConfig
 from rpc.client.http_client import AsyncServerClient
 from rpc.tools.demo import PROMPT, reference_greedy
 from rpc.tools.launch import ServerProcess, free_port, tiny_model_serve_args
+from tests.conftest import ENGINE_ENV
 from trainer_side.broadcast import WeightBroadcaster
 from trainer_side.toy_models import save_toy
 from trainer_side.walker import iter_layer_chunks, plan_stream
@@ -31,7 +32,7 @@ def start_toy_server(
 ) -> ServerProcess:
     """Write `model` under `work/model` and serve it; returns once `/health` answers."""
     proc = ServerProcess(
-        save_toy(model, work / "model"), extra_args=tiny_model_serve_args(), env=env,
+        save_toy(model, work / "model"), extra_args=tiny_model_serve_args(), env=ENGINE_ENV | (env or {}),
         log_path=work / "server.log", token=token,
     )  # fmt: skip
     try:
