@@ -9,7 +9,10 @@ request). So every layercast call here:
 - carries a fresh `call_id` that the worker echoes; an answer with another id means the queues are out
   of step, and the server reports itself unhealthy instead of serving wrong answers;
 - is refused (503, naming the call) while an earlier call is still running past its bound: the engine
-  is then blocked in that call, which `/health` reports too.
+  is then blocked in that call, which `/health` reports too;
+- fails at once (502) when the engine core dies while it waits: vLLM never resolves a `collective_rpc`
+  that was in flight when its engine core died, so the wait watches `EngineClient.errored` instead of
+  holding the request (and the API server's shutdown, which waits for open requests) to its bound.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ R = TypeVar("R", bound=WorkerResult)
 # Added to a call's own deadline before the API side stops waiting for it (RPC round trips, the worker
 # noticing a lost peer through the store: see broadcaster.group's bounded store operations).
 RPC_GRACE_S = 30.0
+# How often a waiting call looks whether the engine core has died.
+ENGINE_WATCH_S = 0.25
 
 
 class WorkersBusy(ApiError):
@@ -73,15 +78,25 @@ class WorkerRpc:
             self._engine.collective_rpc(method, timeout=None, kwargs={**kwargs, "call_id": call_id})
         )
         bound = deadline_s + RPC_GRACE_S
+        while not task.done():
+            left = started + bound - time.monotonic()
+            if left <= 0:
+                self._overrun = (
+                    f"the workers are still inside {method} (call {call_id}), {bound:.0f} s after it "
+                    f"started (its deadline was {deadline_s:.0f} s); the engine runs nothing else until it "
+                    "returns"
+                )
+                task.add_done_callback(lambda _t: self._overrun_ended(call_id))
+                raise WorkersBusy(self._overrun)
+            await asyncio.wait({task}, timeout=min(left, ENGINE_WATCH_S))
+            if not task.done() and getattr(self._engine, "errored", False):
+                task.cancel()
+                raise SyncError(
+                    f"{method}: the engine core died {time.monotonic() - started:.1f} s into the call; "
+                    "restart this server"
+                )
         try:
-            results = list(await asyncio.wait_for(asyncio.shield(task), bound))
-        except TimeoutError:
-            self._overrun = (
-                f"the workers are still inside {method} (call {call_id}), {bound:.0f} s after it started "
-                f"(its deadline was {deadline_s:.0f} s); the engine runs nothing else until it returns"
-            )
-            task.add_done_callback(lambda _t: self._overrun_ended(call_id))
-            raise WorkersBusy(self._overrun) from None
+            results = list(task.result())
         except Exception as exc:  # the engine failed (dead engine core, dead worker)
             dead = " (the engine core is dead)" if getattr(self._engine, "errored", False) else ""
             raise SyncError(

@@ -66,6 +66,25 @@ def test_an_overrunning_call_is_reported_and_its_late_answer_stays_its_own(
     asyncio.run(run())
 
 
+def test_a_call_in_flight_when_the_engine_core_dies_fails_at_once() -> None:
+    # vLLM never answers a collective_rpc that was in flight when its engine core died.
+    async def run() -> None:
+        engine = _Engine()
+        rpc = WorkerRpc(engine)
+        call = asyncio.ensure_future(rpc.call("layercast_receive", 600.0, PollResult))
+        await asyncio.sleep(0.3)
+        assert not call.done()
+        engine.errored = True
+        t0 = asyncio.get_running_loop().time()
+        with pytest.raises(SyncError, match="engine core died"):
+            await call
+        assert asyncio.get_running_loop().time() - t0 < 2 * worker_rpc.ENGINE_WATCH_S + 0.1
+        with pytest.raises(WorkersBusy, match="engine core is dead"):
+            await rpc.call("layercast_poll", 1.0, PollResult)
+
+    asyncio.run(run())
+
+
 def test_an_answer_of_another_call_marks_the_server_broken() -> None:
     async def run() -> None:
         engine = _Engine()
