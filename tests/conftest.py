@@ -22,15 +22,15 @@ from typing import Any
 import pytest
 import torch
 
+from rpc.tools.launch import TINY_MODEL_SERVE_ENV
+
 VOCAB = 512
 
-ENGINE_ENV: dict[str, str] = {"TORCH_COMPILE_DISABLE": "1"}
-"""Environment of every vLLM engine the tests start: fully eager. ``--enforce-eager`` already runs the model
-eagerly; this also covers the sampler's one ``torch.compile``d function (``compiled_random_sample``, run by
-vLLM's warm-up), whose CPU inductor build probes the CPU's vector ISAs by spawning a Python per ISA: about
-16 s of every engine start on the 2-core CI machine (40 s -> 18.5 s per `layercast serve`). The tests
-sample greedily, so nothing they check runs through it. Only engine processes get it: the test process
-and the trainer subprocesses keep ``torch.compile`` (the compiled quantizer tests need it)."""
+ENGINE_ENV: dict[str, str] = TINY_MODEL_SERVE_ENV
+"""Environment of every vLLM engine the tests start: fully eager, as the CPU demo's (see
+`rpc.tools.launch.TINY_MODEL_SERVE_ENV`). The tests sample greedily, so nothing they check runs through the
+sampler's compiled function it turns off. Only engine processes get it: the test process and the trainer
+subprocesses keep ``torch.compile`` (the compiled quantizer tests need it)."""
 
 
 @dataclass(frozen=True)

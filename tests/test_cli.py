@@ -26,7 +26,7 @@ from rpc.tools.check import main as check_main
 from rpc.tools.cli import main as cli_main
 from rpc.tools.demo import DemoSetup, parse_settings
 from rpc.tools.demo import main as demo_main
-from rpc.tools.launch import ServerProcess, tiny_model_serve_args
+from rpc.tools.launch import TINY_MODEL_SERVE_ENV, ServerProcess, tiny_model_serve_args
 from rpc.tools.serve_settings import resolve
 from tests.conftest import ENGINE_ENV
 from tests.toy_server import generate
@@ -288,7 +288,7 @@ def test_demo_fp8_with_fewer_gpus_than_ranks_shares_gpus_over_gloo(
 def test_demo_without_quantization_keeps_the_cpu_setup(tmp_path: Path) -> None:
     setup = DemoSetup.of(DemoSettings(servers=2, workdir=str(tmp_path)), cuda_devices=1)
     assert setup.trainer_device == torch.device("cpu") and setup.backend == "auto"
-    assert setup.server_envs == [{}, {}]
+    assert setup.server_envs == [TINY_MODEL_SERVE_ENV, TINY_MODEL_SERVE_ENV]  # no GPU placement
 
 
 @pytest.mark.parametrize("scheme", ["fp8_block", "fp8_channel", "fp8_tensor"])

@@ -37,7 +37,7 @@ from configs.settings import DemoSettings, SettingsError, cli_parser, load_setti
 from configs.trainer import BroadcasterConfig
 from rpc.client.http_client import AsyncServerClient
 from rpc.tools.demo_fp8 import fp8_shape, gpu_placement, quantization_config, scheme_problem
-from rpc.tools.launch import ServerProcess, free_port, tiny_model_serve_args
+from rpc.tools.launch import TINY_MODEL_SERVE_ENV, ServerProcess, free_port, tiny_model_serve_args
 from trainer_side.broadcast import WeightBroadcaster
 from trainer_side.checkpoint import write_hf_checkpoint
 from trainer_side.detect import detect_quant_scheme
@@ -112,8 +112,8 @@ class DemoSetup:
         work = Path(s.workdir or tempfile.mkdtemp(prefix="layercast-demo-"))
         if not fp8:
             return cls(s, work, False, torch.float32, torch.device("cpu"), None, reference,
-                       tiny_model_serve_args(), [{} for _ in range(s.servers)],
-                       backend="ipc" if s.colocate else "auto")  # fmt: skip
+                       tiny_model_serve_args(), [dict(TINY_MODEL_SERVE_ENV) for _ in range(s.servers)],
+                       dict(TINY_MODEL_SERVE_ENV), backend="ipc" if s.colocate else "auto")  # fmt: skip
         # FP8 on GPU: bf16 trainer on GPU 0 (with the reference engines), servers placed by
         # `gpu_placement` (their own GPUs and NCCL, or sharing GPUs over Gloo). The small fixed KV cache
         # keeps every engine small enough to share a GPU.

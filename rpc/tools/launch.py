@@ -22,6 +22,14 @@ def tiny_model_serve_args(served_name: str = "toy", kv_cache_bytes: int = 64 * 2
     ]  # fmt: skip
 
 
+TINY_MODEL_SERVE_ENV: dict[str, str] = {"TORCH_COMPILE_DISABLE": "1"}
+"""Environment of a `layercast serve` of a built-in tiny model on CPU: fully eager. ``--enforce-eager``
+runs the model eagerly; this also covers vLLM's sampler (``compiled_random_sample``, built during the
+engine's warm-up), whose CPU inductor build probes the vector ISAs by spawning a Python per ISA: about
+16 s of each engine start on a 2-core machine (bench/results/2026-12-07-cpu-serve-start.txt), for a toy
+whose sampling takes microseconds."""
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
