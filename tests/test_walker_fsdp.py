@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import gc
 import os
 import socket
 import weakref
@@ -85,7 +84,6 @@ def check_walk(
     alive: list[weakref.ref[Tensor]] = []
     got: list[LayerChunk] = []
     for chunk in iter_layer_chunks(model, scheme, dtype=dtype):
-        gc.collect()
         assert not [r for r in alive if r() is not None], "the walk still holds an earlier chunk"
         alive = [weakref.ref(t) for _, t in chunk.tensors]
         if reference is not None:
