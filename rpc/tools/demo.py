@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import json
 import tempfile
 import time
@@ -149,16 +150,50 @@ class DemoSetup:
         return out
 
 
-def engine_reference(setup: DemoSetup, model: torch.nn.Module, step: int) -> Generation:
-    """Greedy generation of a fresh vLLM engine started from `model` written as the served checkpoint."""
+def start_engine_reference(setup: DemoSetup, model: torch.nn.Module, step: int) -> ServerProcess:
+    """Start (without waiting) a fresh vLLM engine from `model` written as the served checkpoint."""
     ref_dir = setup.write_served_model(model, setup.work / f"reference-step{step}")
-    ref = ServerProcess(ref_dir, extra_args=setup.serve_args, env=setup.reference_env,
-                        log_path=setup.work / f"reference-step{step}.log")  # fmt: skip
+    return ServerProcess(ref_dir, extra_args=setup.serve_args, env=setup.reference_env,
+                         log_path=setup.work / f"reference-step{step}.log")  # fmt: skip
+
+
+def engine_reference(setup: DemoSetup, ref: ServerProcess) -> Generation:
+    """Greedy generation of the fresh engine `ref`, which is stopped afterwards."""
     try:
         ref.wait_ready()
         return generate(ref.url, setup.settings.max_tokens)
     finally:
         ref.stop()
+
+
+class EngineReferences:
+    """Step `step`'s fresh reference engine; step 1's is started with the servers (its weights are
+    known then: `perturb_` is seeded by the step) and used only if they equal what step 1 pushed."""
+
+    def __init__(self, setup: DemoSetup, trainer_model: torch.nn.Module) -> None:
+        self.setup, self.model = setup, trainer_model
+        self.first: torch.nn.Module | None = copy.deepcopy(trainer_model)
+        perturb_(self.first, 1)
+        self.ahead: ServerProcess | None = start_engine_reference(setup, self.first, 1)
+
+    def __call__(self, step: int) -> Generation:
+        ref, self.ahead = self.ahead, None
+        if ref is not None and (step != 1 or not _same_weights(self.first, self.model)):
+            ref.stop()
+            ref = None
+        self.first = None
+        return engine_reference(self.setup, ref or start_engine_reference(self.setup, self.model, step))
+
+    def close(self) -> None:
+        if self.ahead is not None:
+            self.ahead.stop()
+
+
+def _same_weights(a: torch.nn.Module | None, b: torch.nn.Module) -> bool:
+    if a is None:
+        return False
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 def main(argv: list[str]) -> int:
@@ -188,13 +223,14 @@ def run(setup: DemoSetup, console: Console) -> int:
         for i, env in enumerate(setup.server_envs)
     ]
     reference: Callable[[int], Generation]
-    if setup.reference == "engine":
-        reference = lambda step: engine_reference(setup, trainer_model, step)  # noqa: E731
-    else:
-        reference = lambda step: reference_greedy(trainer_model, PROMPT, s.max_tokens)  # noqa: E731
+    engines: EngineReferences | None = None
     results: list[dict[str, Any]] = []
     ok_all = True
     try:
+        if setup.reference == "engine":  # step 1's engine starts beside the servers
+            reference = engines = EngineReferences(setup, trainer_model)
+        else:
+            reference = lambda step: reference_greedy(trainer_model, PROMPT, s.max_tokens)  # noqa: E731
         t0 = time.perf_counter()
         with console.status("starting vLLM server(s) (about 30 s on CPU)..."):
             for server in servers:
@@ -257,6 +293,8 @@ def run(setup: DemoSetup, console: Console) -> int:
     finally:
         for server in servers:
             server.stop()
+        if engines is not None:
+            engines.close()
     if s.results_json:
         Path(s.results_json).write_text(json.dumps(results, indent=2))
     console.print("[bold green]all steps verified[/]" if ok_all else "[bold red]verification FAILED[/]")
