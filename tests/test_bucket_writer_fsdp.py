@@ -10,12 +10,11 @@ import copy
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from configs.quant import QuantScheme
 from tests.test_bucket_writer import buckets_of, header_for, spread_amaxes
-from tests.test_walker_fsdp import FP8_BLOCK, NONE, free_port, join_gloo, moe_model, shard
+from tests.test_walker_fsdp import FP8_BLOCK, NONE, free_port, join_gloo, leave_gloo, moe_model, shard
 from trainer_side.bucket_writer import BucketWriter
 from trainer_side.walker import iter_layer_chunks
 
@@ -64,7 +63,7 @@ def worker(rank: int, port: int, world: int) -> None:
             for _ in iter_layer_chunks(model, FP8_BLOCK, dtype=dtype):
                 pass
     finally:
-        dist.destroy_process_group()
+        leave_gloo()
 
 
 @pytest.mark.slow
@@ -100,7 +99,7 @@ def push_worker(rank: int, port: int) -> None:
         # Both ranks ran the same gathers: the next walk is in lockstep and bit-exact.
         check_walk(model, reference, NONE, torch.bfloat16)
     finally:
-        dist.destroy_process_group()
+        leave_gloo()
 
 
 @pytest.mark.slow

@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from configs.quant import QuantScheme
-from tests.test_walker_fsdp import WORLD, check_walk, free_port, join_gloo, moe_model, shard
+from tests.test_walker_fsdp import WORLD, check_walk, free_port, join_gloo, leave_gloo, moe_model, shard
 from trainer_side.walker import iter_layer_chunks
 
 SCHEMES = [
@@ -53,7 +52,7 @@ def worker(rank: int, port: int, out: dict[str, tuple[int, int]]) -> None:
             if rank == 0:
                 out[f"{scheme.source}-{scheme.kind}"] = (quantized, plain)
     finally:
-        dist.destroy_process_group()
+        leave_gloo()
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 import os
 import socket
 import weakref
@@ -108,6 +109,14 @@ def join_gloo(rank: int, port: int, world: int) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
 
 
+def leave_gloo() -> None:
+    """Collect garbage, then destroy the default group. Without the collect, torch's own reference cycles
+    from DTensor sharding propagation (FakeTensorMode and friends) outlive the group and are freed at
+    interpreter exit, where a process aborts now and then ("terminate called without an active exception")."""
+    gc.collect()
+    dist.destroy_process_group()
+
+
 def shard(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
     """FSDP2 as trainers apply it: `fully_shard` each decoder layer, then the model; every parameter
     becomes a DTensor."""
@@ -136,7 +145,7 @@ def worker(rank: int, port: int, quantized: bool) -> None:
             check_walk(model, reference, FP8_BLOCK, torch.bfloat16)
             check_walk(model, reference, FP8_CHANNEL, torch.bfloat16)
     finally:
-        dist.destroy_process_group()
+        leave_gloo()
 
 
 def free_port() -> int:

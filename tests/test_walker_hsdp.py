@@ -23,6 +23,7 @@ from tests.test_walker_fsdp import (
     check_walk,
     free_port,
     join_gloo,
+    leave_gloo,
     moe_model,
     shard,
 )
@@ -87,7 +88,7 @@ def worker(rank: int, port: int, layout: str) -> None:
         finally:
             dist.all_gather_into_tensor, DTensor.full_tensor = real_gather, real_full  # type: ignore[method-assign]
     finally:
-        dist.destroy_process_group()
+        leave_gloo()
 
 
 @pytest.mark.slow
