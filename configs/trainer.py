@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -43,6 +43,13 @@ class BroadcasterConfig(BaseModel):
         default=True,
         description="unsharded models: quantize each tensor straight into its bucket (no intermediate "
         "tensors); off: always stream through the layer walker",
+    )
+    senders: Literal["rank0", "every_rank"] = Field(
+        default="rank0",
+        description="who sends on a multi-rank (FSDP2) trainer. rank0: rank 0 sends to every server, the "
+        "other ranks only run the per-layer gathers with it. every_rank: each rank sends to its own "
+        "`servers` (the server on its own GPU: one TP=1 server per GPU, backend ipc) in its own group "
+        "(its own master_port): the per-layer gather is the only collective among trainer ranks",
     )
     send_dtype: str | None = Field(
         default=None, description="cast unquantized tensors to this dtype (e.g. bfloat16); None keeps them"

@@ -514,6 +514,48 @@ def test_dead_engine_core_is_named_within_the_step_deadline(
     healer.close()
 
 
+def every_rank_worker(rank: int, port: int, urls: list[str], work: str, version: int) -> None:
+    """One rank of a 2-rank FSDP2 trainer (Gloo) with `senders="every_rank"`: it pushes `version` to
+    `urls[rank]` alone, in its own `ipc` group; an unreachable URL must fail this rank only."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from tests.test_walker_fsdp import join_gloo, leave_gloo, shard
+
+    join_gloo(rank, port, 2)
+    try:
+        model = shard(model_at(version), init_device_mesh("cpu", (2,)))
+        config = BroadcasterConfig(
+            servers=[urls[rank]], inference_config=str(Path(work) / "model"), master_port=free_port(),
+            token=TOKEN, bucket_bytes=BUCKET_BYTES, step_timeout_s=STEP_TIMEOUT_S, rendezvous_timeout_s=60,
+            http_timeout_s=5, backend="ipc", senders="every_rank", takeover=True,
+        )  # fmt: skip
+        bc = WeightBroadcaster(config)
+        if urls[rank].endswith(":1"):
+            with pytest.raises(PushError, match="cannot reach"):
+                bc.push(model, version)
+        else:
+            report = bc.push(model, version)
+            assert report.servers[urls[rank]].weights_version == version, report.servers
+        bc.close()
+    finally:
+        leave_gloo()
+
+
+def test_every_fsdp_rank_writes_its_own_server(servers: dict[str, ServerProcess], work: Path) -> None:
+    """`senders="every_rank"`: each rank of an FSDP2 trainer syncs the server beside it (here over `/dev/shm`)
+    after the per-layer gather; nothing is broadcast between trainer ranks. A rank whose server cannot be
+    reached fails alone and the other rank's sync still lands (the gathers stay in lockstep)."""
+    import torch.multiprocessing as mp
+
+    a, b = servers["a"], servers["b"]
+    mp.spawn(every_rank_worker, args=(free_port(), [a.url, b.url], str(work), 30), nprocs=2, join=True)
+    for s in (a, b):
+        assert_on_version(s, 30)
+    mp.spawn(every_rank_worker, args=(free_port(), [a.url, "http://127.0.0.1:1"], str(work), 31), nprocs=2)
+    assert_on_version(a, 31)
+    assert_on_version(b, 30)
+
+
 def test_the_token_never_appears_in_any_server_log(servers: dict[str, ServerProcess], work: Path) -> None:
     logs = sorted(work.glob("*.log"))
     assert len(logs) == 5, logs  # a, b, and the three restarted replicas

@@ -3,7 +3,9 @@
 detect (once) → join the group with every server (`init`) → per step: plan the stream from metadata,
 arm `/update_weights` on every server, walk the model one layer at a time, quantize, hand the tensors to
 the broadcaster's sender, collect every server's answer → `PushReport`. On an FSDP trainer every rank
-calls `push` (the layer gathers are collectives); only global rank 0 sends.
+calls `push` (the layer gathers are collectives); global rank 0 sends, or, with `senders="every_rank"`,
+every rank sends to its own servers in its own group (one local server per GPU, nothing broadcast
+between trainer ranks).
 """
 
 from __future__ import annotations
@@ -141,10 +143,6 @@ class _Background:
         return self.result
 
 
-def _is_sender() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
 def _reason(exc: BaseException) -> str:
     """An exception as a reason that is never empty (httpx's timeouts have no message)."""
     text = str(exc)
@@ -224,7 +222,7 @@ class WeightBroadcaster:
     def init(self, load_path: str | None = None) -> dict[str, InitBroadcasterResponse]:
         """Join every server to a fresh group (a rendezvous: all servers are called concurrently).
         `load_path` overrides the config's for this group (the kernel upgrade of `auto`)."""
-        if not _is_sender():
+        if not self._sends():
             return {}
         self.close()
         self._template = None
@@ -395,7 +393,7 @@ class WeightBroadcaster:
         # First on every rank (an all-reduce on FSDP trainers): the verdict on non-finite weights.
         problem = _finite_verdict(model)
         report.finite_check_s = time.perf_counter() - started
-        if not _is_sender():
+        if not self._sends():
             if problem is not None:
                 raise PushError(f"sync {sync_id} not started: {problem}")
             # The sending rank gathers each chunk with this rank (collectives): run them, make nothing.
@@ -419,6 +417,10 @@ class WeightBroadcaster:
                 if not gathers.done:  # the sync failed before its stream ran them: the other ranks wait
                     gathers.drain()
                 report.gathered_before_quantizing = dict(gathers.notes)
+
+    def _sends(self) -> bool:
+        """Whether this trainer rank sends (see `BroadcasterConfig.senders`)."""
+        return self.config.senders == "every_rank" or not dist.is_initialized() or dist.get_rank() == 0
 
     def _gathers(self, model: nn.Module) -> ChunkGathers | None:
         """This push's FSDP gathers, issued in the same order on every rank; None for an unsharded model
