@@ -15,7 +15,10 @@ GPUs 2 and 3; `--servers-on 1`: one, sharing GPU1 with trainer rank 1; FP8 block
     python bench/fsdp_two_servers.py --shape 8b --steps 5 --out-dir bench/results     # 4 GPUs
     python bench/fsdp_two_servers.py --shape 8b --steps 5 --servers-on 1 --out-dir bench/results
         # 2 GPUs: the trainer on GPUs 0-1, one server sharing GPU1 with trainer rank 1
-    python bench/fsdp_two_servers.py --cpu-smoke [--servers-on 1]                     # CPU, Gloo, tiny
+    python bench/fsdp_two_servers.py --shape 8b --steps 5 --every-rank --out-dir bench/results
+        # 2 GPUs: server i shares GPU i with trainer rank i; every rank syncs its own server (ipc,
+        # `senders="every_rank"`): no broadcast between ranks, so no raw-NCCL row
+    python bench/fsdp_two_servers.py --cpu-smoke [--servers-on 1 | --every-rank]      # CPU, Gloo, tiny
 """
 
 from __future__ import annotations
@@ -94,15 +97,19 @@ def trainer_rank(rank: int, a: argparse.Namespace, urls: list[str], cfg_dir: str
             base = torch.cuda.memory_allocated(dev)
             res["model_shard_bytes"] = base
             torch.cuda.reset_peak_memory_stats(dev)
+        if a.every_rank:  # this rank's own server, on its own device
+            urls = [urls[rank]]
         bc = WeightBroadcaster(
             BroadcasterConfig(
-                servers=urls, inference_config=cfg_dir, master_port=a.group_port,
-                backend="nccl" if cuda else "gloo", load_path=a.load_path, rendezvous_timeout_s=120,
+                servers=urls, inference_config=cfg_dir, master_port=a.group_ports[rank],
+                backend="ipc" if a.every_rank else "nccl" if cuda else "gloo", load_path=a.load_path,
+                senders="every_rank" if a.every_rank else "rank0", rendezvous_timeout_s=120,
                 step_timeout_s=120, sync_timeout_s=300, http_timeout_s=120,
             )
         )  # fmt: skip
         orch = SyncOrchestrator(urls, timeout_s=300)
-        if rank == 0:
+        sends = rank == 0 or a.every_rank
+        if sends:
             t = time.perf_counter()
             res["init"] = {u: r.model_dump() for u, r in bc.init().items()}
             res["init_s"] = time.perf_counter() - t
@@ -113,7 +120,7 @@ def trainer_rank(rank: int, a: argparse.Namespace, urls: list[str], cfg_dir: str
             sync_cuda()
             dist.barrier()
             sid = f"fsdp-step-{step}"
-            if rank == 0:
+            if sends:
                 push_box: dict[str, Any] = {}
 
                 def push(sid: str = sid, step: int = step, box: dict[str, Any] = push_box) -> Any:
@@ -144,7 +151,7 @@ def trainer_rank(rank: int, a: argparse.Namespace, urls: list[str], cfg_dir: str
             res["peak_extra_bytes"] = torch.cuda.max_memory_allocated(dev) - base
         bc.close()
         # Raw NCCL of one sync's bytes, rank 0 -> the two receivers on the servers' GPUs.
-        if rank == 0 and syncs:
+        if rank == 0 and syncs and not a.every_rank:
             res["raw_s_all"] = raw_to_servers(syncs[-1]["bytes"], a, dev)
         dist.barrier()
         t = time.perf_counter()
@@ -207,8 +214,12 @@ def main() -> int:
     ap.add_argument("--date", default=datetime.date.today().isoformat())
     ap.add_argument("--ready-timeout", type=float, default=600.0)
     ap.add_argument("--servers-on", default="2,3", help="GPUs of the servers, one server each")
+    ap.add_argument("--every-rank", action="store_true",
+                    help="server i on GPU i beside trainer rank i; every rank syncs its own server (ipc)")
     ap.add_argument("--cpu-smoke", action="store_true")
     a = ap.parse_args()
+    if a.every_rank:
+        a.servers_on = "0,1"
     a.server_gpus = a.servers_on.split(",")
     cuda = not a.cpu_smoke
     n_servers = len(a.server_gpus)
@@ -233,7 +244,8 @@ def main() -> int:
         lines.append(line)
 
     a.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = a.out_dir / f"{a.date}-{slug}-fsdp2-{'two-servers' if n_servers == 2 else f'{n_servers}-server'}"
+    kind = "every-rank" if a.every_rank else "two-servers" if n_servers == 2 else f"{n_servers}-server"
+    stem = a.out_dir / f"{a.date}-{slug}-fsdp2-{kind}"
 
     def save() -> None:
         stem.with_suffix(".txt").write_text("\n".join(lines) + "\n")
@@ -266,7 +278,7 @@ def main() -> int:
                       log_path=a.work / f"server-{i}.log")
         for i in range(n_servers)
     ]  # fmt: skip
-    a.fsdp_port, a.group_port = free_port(), free_port()
+    a.fsdp_port, a.group_ports = free_port(), [free_port(), free_port()]
     ok = False
     try:
         for s in servers:
@@ -298,11 +310,16 @@ def main() -> int:
         if errors:
             raise RuntimeError("trainer failed: " + " | ".join(errors))
         syncs = outs[0]["syncs"]
+        if a.every_rank:  # a step is done when every rank's own sync is: the slowest rank's time
+            for r, other in zip(syncs, outs[1]["syncs"], strict=True):
+                r["generated"] |= other["generated"]
+                for k in ("sync_s", "push_total_s"):
+                    r[k] = max(r[k], other[k])
         timed = syncs[1:]
         result["sync_s"] = median([r["sync_s"] for r in timed])
         result["push_s"] = median([r["push_total_s"] for r in timed])
-        result["raw_nccl_s"] = median(outs[0]["raw_s_all"])
-        result["ratio_vs_raw"] = result["sync_s"] / result["raw_nccl_s"]
+        result["raw_nccl_s"] = median(outs[0]["raw_s_all"]) if "raw_s_all" in outs[0] else None
+        result["ratio_vs_raw"] = result["sync_s"] / result["raw_nccl_s"] if result["raw_nccl_s"] else None
         result["bytes_per_sync"] = timed[-1]["bytes"]
         last = syncs[-1]["generated"]
         for s in servers:
@@ -328,7 +345,8 @@ def main() -> int:
         ok = all(v["tokens_equal"] and v["max_logprob_diff"] == 0.0 for v in result["vs_fresh"].values())
         result["verified"] = ok
         result["row"] = {  # the fields every sync benchmark row carries
-            "mode": "fsdp2", "path": a.load_path, "params": outs[0].get("params"),
+            "mode": "fsdp2-every-rank" if a.every_rank else "fsdp2", "path": a.load_path,
+            "params": outs[0].get("params"),
             "trainer_ranks": 2, "servers": n_servers, "sync_s": result["sync_s"],
             "raw_nccl_s": result["raw_nccl_s"], "ratio_vs_raw": result["ratio_vs_raw"],
             "trainer_peak_extra_bytes": max(o.get("peak_extra_bytes", 0) for o in outs),
@@ -337,10 +355,13 @@ def main() -> int:
             ),
             "verified": ok,
         }  # fmt: skip
+        raw = (
+            f"raw NCCL to the server(s) {result['raw_nccl_s'] * 1e3:.1f} ms ({result['ratio_vs_raw']:.2f}x)"
+            if result["raw_nccl_s"] else "every rank syncs its own server: nothing broadcast, no raw row"
+        )  # fmt: skip
         say(
             f"sync (orchestrated, {n_servers} server(s)) median {result['sync_s'] * 1e3:.1f} ms; push median "
-            f"{result['push_s'] * 1e3:.1f} ms; raw NCCL to the server(s) {result['raw_nccl_s'] * 1e3:.1f} ms "
-            f"({result['ratio_vs_raw']:.2f}x); {result['bytes_per_sync'] / 1e9:.3f} GB per sync"
+            f"{result['push_s'] * 1e3:.1f} ms; {raw}; {result['bytes_per_sync'] / 1e9:.3f} GB per sync"
         )
         for o in outs:
             say(f"trainer rank {o['rank']}: peak extra {o.get('peak_extra_bytes', 0) / 1e9:.2f} GB "
