@@ -109,15 +109,10 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, TinyModel
 
 
 @contextlib.contextmanager
-def engine_env() -> Iterator[None]:
-    """:data:`ENGINE_ENV` in ``os.environ`` while an in-process `LLM` spawns its engine processes.
-
-    torch reads ``TORCH_COMPILE_DISABLE`` once, when ``torch._dynamo`` is first imported: it is imported
-    here first, so this process keeps compiling whatever happens inside the block."""
-    import torch._dynamo
-
-    old = {k: os.environ.get(k) for k in ENGINE_ENV}
-    os.environ.update(ENGINE_ENV)
+def environ(updates: dict[str, str]) -> Iterator[None]:
+    """`updates` in ``os.environ`` for the block; every key restored (or removed) afterwards."""
+    old = {k: os.environ.get(k) for k in updates}
+    os.environ.update(updates)
     try:
         yield
     finally:
@@ -126,6 +121,18 @@ def engine_env() -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@contextlib.contextmanager
+def engine_env() -> Iterator[None]:
+    """:data:`ENGINE_ENV` in ``os.environ`` while an in-process `LLM` spawns its engine processes.
+
+    torch reads ``TORCH_COMPILE_DISABLE`` once, when ``torch._dynamo`` is first imported: it is imported
+    here first, so this process keeps compiling whatever happens inside the block."""
+    import torch._dynamo
+
+    with environ(ENGINE_ENV):
+        yield
     assert not torch._dynamo.config.disable, "the test process lost torch.compile"
 
 
@@ -159,13 +166,8 @@ def stop_llm(llm: Any) -> None:
 @pytest.fixture(scope="module")
 def plain_cpu_linear() -> Iterator[None]:
     """Make the engine keep CPU linear weights in place (env read by the extension in the worker)."""
-    old = os.environ.get("LAYERCAST_CPU_PLAIN_LINEAR")
-    os.environ["LAYERCAST_CPU_PLAIN_LINEAR"] = "1"
-    yield
-    if old is None:
-        os.environ.pop("LAYERCAST_CPU_PLAIN_LINEAR", None)
-    else:
-        os.environ["LAYERCAST_CPU_PLAIN_LINEAR"] = old
+    with environ({"LAYERCAST_CPU_PLAIN_LINEAR": "1"}):
+        yield
 
 
 PROMPTS: list[list[int]] = [

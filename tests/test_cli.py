@@ -42,7 +42,6 @@ def layercast(
 ) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("LAYERCAST_")}
     full_env |= {"PYTHONPATH": str(REPO), "COLUMNS": "250"}  # rich: no wrapping inside asserted text
-    full_env |= ENGINE_ENV  # the CLI process runs no compiled code of ours on CPU; its engines inherit it
     return subprocess.run(
         [sys.executable, "-m", "rpc.tools.cli", *args], cwd=REPO, env=full_env | (env or {}),
         capture_output=True, text=True, timeout=timeout,

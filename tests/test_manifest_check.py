@@ -9,7 +9,6 @@ pickle the callable). The real manifest is accepted; each defect is refused nami
 from __future__ import annotations
 
 import json
-import os
 import struct
 from collections.abc import Iterator
 from functools import partial
@@ -19,7 +18,7 @@ from typing import Any
 import pytest
 
 from inference_worker.manifest_check import check_checkpoint_manifest
-from tests.conftest import TinyModel, start_llm, stop_llm
+from tests.conftest import TinyModel, environ, start_llm, stop_llm
 
 pytestmark = pytest.mark.slow
 
@@ -67,17 +66,12 @@ class Engine:
 
 @pytest.fixture(scope="module", params=["llama", "qwen3_moe"])
 def engine(request: pytest.FixtureRequest, tiny_models: dict[str, TinyModel]) -> Iterator[Engine]:
-    old = os.environ.get("VLLM_ALLOW_INSECURE_SERIALIZATION")
-    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
-    llm = start_llm(tiny_models[request.param].dir_b)
-    try:
-        yield Engine(llm, tiny_models[request.param])
-    finally:
-        stop_llm(llm)
-        if old is None:
-            os.environ.pop("VLLM_ALLOW_INSECURE_SERIALIZATION", None)
-        else:
-            os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = old
+    with environ({"VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}):
+        llm = start_llm(tiny_models[request.param].dir_b)
+        try:
+            yield Engine(llm, tiny_models[request.param])
+        finally:
+            stop_llm(llm)
 
 
 def _replace(entries: list[Entry], target: str, **change: Any) -> list[Entry]:
