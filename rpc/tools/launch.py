@@ -22,12 +22,18 @@ def tiny_model_serve_args(served_name: str = "toy", kv_cache_bytes: int = 64 * 2
     ]  # fmt: skip
 
 
-TINY_MODEL_SERVE_ENV: dict[str, str] = {"TORCH_COMPILE_DISABLE": "1"}
-"""Environment of a `layercast serve` of a built-in tiny model on CPU: fully eager. ``--enforce-eager``
-runs the model eagerly; this also covers vLLM's sampler (``compiled_random_sample``, built during the
-engine's warm-up), whose CPU inductor build probes the vector ISAs by spawning a Python per ISA: about
-16 s of each engine start on a 2-core machine (bench/results/2026-12-07-cpu-serve-start.txt), for a toy
-whose sampling takes microseconds."""
+TINY_MODEL_SERVE_ENV: dict[str, str] = {
+    "TORCH_COMPILE_DISABLE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"
+}  # fmt: skip
+"""Environment of a `layercast serve` of a built-in tiny model on CPU: fully eager, threads unpinned.
+``--enforce-eager`` runs the model eagerly; ``TORCH_COMPILE_DISABLE`` also covers vLLM's sampler
+(``compiled_random_sample``, built during the engine's warm-up), whose CPU inductor build probes the vector
+ISAs by spawning a Python per ISA: about 16 s of each engine start on a 2-core machine
+(bench/results/2026-12-07-cpu-serve-start.txt), for a toy whose sampling takes microseconds.
+``nobind`` and one OpenMP thread: vLLM's CPU default (``auto``) pins every engine's worker to the first core
+of its NUMA node and reserves the others, so the demo's two servers and reference engine (and tests running
+side by side) all share core 0; unpinned, the OS spreads them. One thread is what ``auto`` gives a worker on
+a small machine, and all a toy's matmuls need (more only spin in OpenMP barriers)."""
 
 
 def free_port(host: str = "127.0.0.1") -> int:
