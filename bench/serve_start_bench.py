@@ -1,5 +1,6 @@
 """How long a CPU `layercast serve` of the built-in tiny model takes to answer `/health`, with and without
-`rpc.tools.launch.TINY_MODEL_SERVE_ENV` (vLLM's sampler left compiled vs fully eager), alternating in one run.
+`rpc.tools.launch.TINY_MODEL_SERVE_ENV` (vLLM's defaults vs fully eager and unpinned; results before
+2026-12-08 measured its first form, eager only), alternating in one run.
 
 Run: `python bench/serve_start_bench.py --repeats 2` (CPU; prints a table, `--out FILE` writes it too).
 """
