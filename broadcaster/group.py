@@ -50,6 +50,7 @@ from broadcaster.errors import BroadcastError, BroadcastTimeout, PeerLost, Rende
 from broadcaster.shared_wire import SharedWire, SharedWireError, device_identity
 
 WireBackend = Literal["gloo", "nccl", "ipc"]
+AskedBackend = Literal["auto", "gloo", "nccl", "ipc"]
 _T = TypeVar("_T")
 
 # One store operation (a request and its answer) may take this long before rank 0 counts as lost. The
@@ -187,20 +188,60 @@ def _find_problem(members: list[dict[str, object]], where: str) -> str | None:
     return None
 
 
+def auto_backend(members: list[dict[str, object]]) -> WireBackend:
+    """What `auto` means for a complete group (every rank asked for it), the same on every rank: gloo when
+    rank 0 (the trainer) is on a CPU; on CUDA, ipc when every rank is on rank 0's GPU (colocated), else nccl
+    (one GPU per rank; `_transport_problem` refuses anything else before this is asked)."""
+    home = str(next(m for m in members if m["rank"] == 0).get("device", ""))
+    if not home.startswith("cuda:"):
+        return "gloo"
+    return "ipc" if all(str(m.get("device", "")) == home for m in members) else "nccl"
+
+
+def _shared_gpus(members: list[dict[str, object]], where: str, asked: str) -> str | None:
+    """For nccl (asked, or what `auto` falls back to): ranks sharing a GPU, named; NCCL refuses them."""
+    by_device: dict[str, list[dict[str, object]]] = {}
+    for m in members:
+        by_device.setdefault(str(m.get("device", "")), []).append(m)
+    shared = {d: ms for d, ms in by_device.items() if len(ms) > 1 and d}
+    if not shared:
+        return None
+    detail = "; ".join(f"{_describe(ms)} share {d}" for d, ms in sorted(shared.items()))
+    if asked == "auto":
+        return (
+            f"backend auto at {where} found ranks sharing a GPU while others are on GPUs of their own: "
+            f"{detail}; one group does not mix ipc and nccl: sync the servers on the trainer's GPU with "
+            "their own broadcaster (backend ipc) and the others with another (nccl)"
+        )
+    return (
+        f"nccl needs one GPU per rank at {where}: {detail}; a server on the trainer's GPU needs backend ipc "
+        "(auto picks it when every worker is on the trainer's GPU)"
+    )
+
+
 def _transport_problem(members: list[dict[str, object]], where: str) -> str | None:
-    """Ranks that asked for different backends, or `ipc` ranks not on rank 0's device, named; or None."""
+    """Ranks that asked for different backends; `ipc` ranks not on rank 0's device; nccl (asked, or `auto`
+    on CUDA with some rank off rank 0's GPU) with ranks sharing a GPU; named, or None. Every problem found
+    in a partial member list stays a problem when the rest join."""
     by_backend: dict[str, list[dict[str, object]]] = {}
     for m in members:
         by_backend.setdefault(str(m.get("backend", "")), []).append(m)
     if len(by_backend) > 1:
         parts = [f"{_describe(ms)} asked for {b or '(unknown)'}" for b, ms in sorted(by_backend.items())]
         return f"backend disagreement at {where}: " + ", ".join(parts)
-    if "ipc" not in by_backend:
-        return None
     first = [m for m in members if m["rank"] == 0]
     if not first:
         return None
+    asked = next(iter(by_backend), "")
     home = str(first[0].get("device", ""))
+    if asked == "nccl" or (
+        asked == "auto"
+        and home.startswith("cuda:")
+        and any(str(m.get("device", "")) != home for m in members)
+    ):
+        return _shared_gpus(members, where, asked)
+    if asked != "ipc":
+        return None
     away = [m for m in members if str(m.get("device", "")) != home]
     if not away:
         return None
@@ -257,7 +298,7 @@ class Group:
         world_size: int,
         rank: int,
         *,
-        backend: WireBackend = "gloo",
+        backend: AskedBackend = "gloo",
         who: str = "",
         timeout_s: float = 60.0,
         generation: int = 0,
@@ -268,24 +309,28 @@ class Group:
     ) -> None:
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
-        if backend not in ("gloo", "nccl", "ipc"):
-            raise ValueError(f"backend must be 'gloo', 'nccl' or 'ipc', got {backend!r}")
+        if backend not in ("auto", "gloo", "nccl", "ipc"):
+            raise ValueError(f"backend must be 'auto', 'gloo', 'nccl' or 'ipc', got {backend!r}")
         if secret is not None and not secret:
             raise ValueError("secret must not be empty (pass None for no secret)")
         self.host, self.port, self.world_size, self.rank = host, port, world_size, rank
-        self.backend: WireBackend = backend
+        # What this rank asked for; `auto` is decided at the rendezvous, from every rank's device, and
+        # `backend` holds the decision from then on.
+        self.asked: AskedBackend = backend
+        self.backend: WireBackend = "gloo" if backend == "auto" else backend
         self.who = who or ("trainer" if rank == 0 else f"inference pid {os.getpid()}")
         self.generation = generation
         self.where = f"{host}:{port} (generation {generation})"
         if backend == "gloo":
             self.device = torch.device("cpu")
-        elif backend == "ipc" and device is None:
+        elif backend in ("ipc", "auto") and device is None:
             cuda = torch.cuda.is_available()
             self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
         else:
             self.device = device or torch.device("cuda", torch.cuda.current_device())
-        # ipc: the physical device every rank must share (compared at rendezvous)
-        self.device_id = device_identity(self.device) if backend == "ipc" else ""
+        # The physical device, compared at the rendezvous: ipc ranks must share rank 0's, nccl ranks must
+        # not share one, and `auto` chooses by them.
+        self.device_id = device_identity(self.device) if backend != "gloo" else ""
         self._key = secret.encode() if isinstance(secret, str) else secret
         # Polled by the rendezvous loop (e.g. another thread of this process learned that a peer will never
         # join): a reason ends the rendezvous on every rank with it, through this rank's own store client.
@@ -405,7 +450,7 @@ class Group:
             "world_size": self.world_size,
             "who": self.who,
             "id": uuid.uuid4().hex,
-            "backend": self.backend,
+            "backend": self.asked,
             "device": self.device_id,
         }
         if self._key is None:
@@ -495,6 +540,10 @@ class Group:
                 missing = [r for r in range(self.world_size) if r not in present]
                 if not missing:
                     self._who0 = next(str(m["who"]) for m in members if m["rank"] == 0)
+                    if self.asked == "auto":
+                        self.backend = auto_backend(members)
+                        if self.backend == "gloo":
+                            self.device = torch.device("cpu")
                     return
             if time.monotonic() >= deadline:
                 me = f"{_DEADLINE}rank {self.rank} ({self.who}) waited {timeout_s:.1f} s"

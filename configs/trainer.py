@@ -24,7 +24,9 @@ class BroadcasterConfig(BaseModel):
     backend: Backend = Field(
         default="auto",
         description="nccl (GPU), gloo (CPU), or ipc: trainer and every server worker on ONE device "
-        "(colocated), buckets through shared memory (CUDA IPC / /dev/shm); auto: nccl on GPU, else gloo",
+        "(colocated), buckets through shared memory (CUDA IPC / /dev/shm); auto: decided at the rendezvous "
+        "from every rank's device: gloo when the trainer is on a CPU, ipc when every worker is on the "
+        "trainer's GPU, nccl when every rank has a GPU of its own (a mix is refused, naming the ranks)",
     )
     load_path: LoadPathRequest = "auto"
     bucket_bytes: int = Field(default=DEFAULT_BUCKET_BYTES, ge=1024)

@@ -178,7 +178,6 @@ class BroadcastReceiverMixin:
         if owner is not None:
             return failure("refused", owner)
         device = vllm_compat.worker_device(self)
-        backend = req.backend if req.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
         old = self._layercast_sync
         if old is not None:
             if req.takeover and old.group.broken is None:
@@ -191,7 +190,7 @@ class BroadcastReceiverMixin:
                 req.master_port,
                 req.world_size,
                 rank,
-                backend=backend,
+                backend=req.backend,
                 who=f"inference server ranks {req.rank_offset}..{last}, worker {index}",
                 op_timeout_s=RECEIVER_OP_TIMEOUT_S,
                 timeout_s=req.rendezvous_timeout_s,

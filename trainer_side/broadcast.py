@@ -274,7 +274,6 @@ class WeightBroadcaster:
 
         refusals: list[str] = []
         http = _Background(call_all)
-        backend = c.backend if c.backend != "auto" else ("nccl" if torch.cuda.is_available() else "gloo")
         group_error: BaseException | None = None
         try:
             self.group = Group(
@@ -282,7 +281,7 @@ class WeightBroadcaster:
                 c.master_port,
                 world,
                 0,
-                backend=backend,
+                backend=c.backend,  # `auto` is decided at the rendezvous, from every rank's device
                 who="trainer",
                 timeout_s=c.rendezvous_timeout_s,
                 secret=group_secret,
