@@ -190,12 +190,16 @@ def _find_problem(members: list[dict[str, object]], where: str) -> str | None:
 
 def auto_backend(members: list[dict[str, object]]) -> WireBackend:
     """What `auto` means for a complete group (every rank asked for it), the same on every rank: gloo when
-    rank 0 (the trainer) is on a CPU; on CUDA, ipc when every rank is on rank 0's GPU (colocated), else nccl
-    (one GPU per rank; `_transport_problem` refuses anything else before this is asked)."""
-    home = str(next(m for m in members if m["rank"] == 0).get("device", ""))
-    if not home.startswith("cuda:"):
+    any rank is on a CPU; else ipc when every rank is on rank 0's GPU (colocated), else nccl (one GPU per
+    rank; `_transport_problem` refuses anything else before this is asked)."""
+    if not _all_cuda(members):
         return "gloo"
+    home = str(next(m for m in members if m["rank"] == 0).get("device", ""))
     return "ipc" if all(str(m.get("device", "")) == home for m in members) else "nccl"
+
+
+def _all_cuda(members: list[dict[str, object]]) -> bool:
+    return all(str(m.get("device", "")).startswith("cuda:") for m in members)
 
 
 def _shared_gpus(members: list[dict[str, object]], where: str, asked: str) -> str | None:
@@ -221,8 +225,9 @@ def _shared_gpus(members: list[dict[str, object]], where: str, asked: str) -> st
 
 def _transport_problem(members: list[dict[str, object]], where: str) -> str | None:
     """Ranks that asked for different backends; `ipc` ranks not on rank 0's device; nccl (asked, or `auto`
-    on CUDA with some rank off rank 0's GPU) with ranks sharing a GPU; named, or None. Every problem found
-    in a partial member list stays a problem when the rest join."""
+    with every rank so far on a GPU and some off rank 0's) with ranks sharing a GPU; named, or None. A
+    problem found in a partial member list stays one when the rest join (for `auto`: unless a CPU rank
+    joins, which would have made it gloo; refused anyway)."""
     by_backend: dict[str, list[dict[str, object]]] = {}
     for m in members:
         by_backend.setdefault(str(m.get("backend", "")), []).append(m)
@@ -235,9 +240,7 @@ def _transport_problem(members: list[dict[str, object]], where: str) -> str | No
     asked = next(iter(by_backend), "")
     home = str(first[0].get("device", ""))
     if asked == "nccl" or (
-        asked == "auto"
-        and home.startswith("cuda:")
-        and any(str(m.get("device", "")) != home for m in members)
+        asked == "auto" and _all_cuda(members) and any(str(m.get("device", "")) != home for m in members)
     ):
         return _shared_gpus(members, where, asked)
     if asked != "ipc":

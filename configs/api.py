@@ -43,7 +43,7 @@ class InitBroadcasterRequest(_Strict):
         default="auto",
         description="nccl (GPU), gloo (CPU), or ipc: trainer and every server worker on ONE device "
         "(colocated), buckets through shared memory (CUDA IPC / /dev/shm); auto: decided at the rendezvous "
-        "from every rank's device: gloo when the trainer is on a CPU, ipc when every worker is on the "
+        "from every rank's device: gloo when any rank is on a CPU, ipc when every worker is on the "
         "trainer's GPU, nccl when every rank has a GPU of its own (a mix is refused, naming the ranks)",
     )
     rendezvous_timeout_s: float = Field(default=120.0, gt=0, le=3600)

@@ -25,7 +25,7 @@ class BroadcasterConfig(BaseModel):
         default="auto",
         description="nccl (GPU), gloo (CPU), or ipc: trainer and every server worker on ONE device "
         "(colocated), buckets through shared memory (CUDA IPC / /dev/shm); auto: decided at the rendezvous "
-        "from every rank's device: gloo when the trainer is on a CPU, ipc when every worker is on the "
+        "from every rank's device: gloo when any rank is on a CPU, ipc when every worker is on the "
         "trainer's GPU, nccl when every rank has a GPU of its own (a mix is refused, naming the ranks)",
     )
     load_path: LoadPathRequest = "auto"

