@@ -50,12 +50,6 @@ FP8_CONFIG = {
 }
 
 
-
-
-
-
-
-
 class Completion:
     """One greedy completion of the fixed prompt: status, weights-version tag, tokens, logprobs."""
 

@@ -29,10 +29,6 @@ SERVER_ENV = {"LAYERCAST_CPU_PLAIN_LINEAR": "1", "VLLM_SERVER_DEV_MODE": "1"}
 _VERSIONS = itertools.count(1)
 
 
-
-
-
-
 @pytest.mark.parametrize("backend", ["gloo", "ipc"])
 @pytest.mark.parametrize("path", ["kernel", "checkpoint", "layerwise"])
 def test_path_syncs_and_serves_the_new_weights(

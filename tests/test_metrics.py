@@ -61,12 +61,6 @@ class Syncs:
         self.reports: list[PushReport] = []
 
 
-
-
-
-
-
-
 @pytest.fixture(scope="module")
 def done() -> Syncs:
     return Syncs()

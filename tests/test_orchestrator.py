@@ -24,12 +24,6 @@ TOKEN = "orchestrator-test-token"
 BC_INIT = True
 
 
-
-
-
-
-
-
 @pytest.fixture
 def orch(server: ServerProcess) -> SyncOrchestrator:
     return SyncOrchestrator([server.url], token=TOKEN, timeout_s=60)

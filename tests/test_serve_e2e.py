@@ -35,12 +35,6 @@ TOKEN = "s3cret-token-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-
-
-
-
-
-
 def test_admin_routes_need_the_token(server: ServerProcess) -> None:
     body = {"master_address": "127.0.0.1", "master_port": 1, "world_size": 2, "rank_offset": 1}
     r = httpx.post(server.url + "/init_broadcaster", json=body)
