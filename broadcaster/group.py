@@ -48,9 +48,9 @@ import torch.distributed as dist
 
 from broadcaster.errors import BroadcastError, BroadcastTimeout, PeerLost, RendezvousError, RendezvousTimeout
 from broadcaster.shared_wire import SharedWire, SharedWireError, device_identity
+from configs.api import Backend
 
 WireBackend = Literal["gloo", "nccl", "ipc"]
-AskedBackend = Literal["auto", "gloo", "nccl", "ipc"]
 _T = TypeVar("_T")
 
 # One store operation (a request and its answer) may take this long before rank 0 counts as lost. The
@@ -239,14 +239,10 @@ def _transport_problem(members: list[dict[str, object]], where: str) -> str | No
         return None
     asked = next(iter(by_backend), "")
     home = str(first[0].get("device", ""))
-    if asked == "nccl" or (
-        asked == "auto" and _all_cuda(members) and any(str(m.get("device", "")) != home for m in members)
-    ):
-        return _shared_gpus(members, where, asked)
-    if asked != "ipc":
-        return None
     away = [m for m in members if str(m.get("device", "")) != home]
-    if not away:
+    if asked == "nccl" or (asked == "auto" and away and _all_cuda(members)):
+        return _shared_gpus(members, where, asked)
+    if asked != "ipc" or not away:
         return None
     elsewhere = ", ".join(f"{_describe([m])} is on {m.get('device') or '(unknown)'}" for m in away)
     return (
@@ -301,7 +297,7 @@ class Group:
         world_size: int,
         rank: int,
         *,
-        backend: AskedBackend = "gloo",
+        backend: Backend = "gloo",
         who: str = "",
         timeout_s: float = 60.0,
         generation: int = 0,
@@ -319,7 +315,7 @@ class Group:
         self.host, self.port, self.world_size, self.rank = host, port, world_size, rank
         # What this rank asked for; `auto` is decided at the rendezvous, from every rank's device, and
         # `backend` holds the decision from then on.
-        self.asked: AskedBackend = backend
+        self.asked: Backend = backend
         self.backend: WireBackend = "gloo" if backend == "auto" else backend
         self.who = who or ("trainer" if rank == 0 else f"inference pid {os.getpid()}")
         self.generation = generation

@@ -9,7 +9,6 @@ this machine has no GPU), and end to end with real Groups on CPU.
 
 from __future__ import annotations
 
-import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -17,6 +16,7 @@ import torch
 
 from broadcaster.errors import RendezvousError
 from broadcaster.group import Group, _transport_problem, auto_backend
+from rpc.tools.launch import free_port
 
 
 def member(rank: int, device: str, backend: str = "auto") -> dict[str, object]:
@@ -77,12 +77,6 @@ def test_nccl_ranks_sharing_a_gpu_are_named() -> None:
     assert _transport_problem(distinct, "here") is None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _join_and_broadcast(port: int, rank: int, backend: str) -> tuple[str, str, list[float]]:
     with Group("127.0.0.1", port, 2, rank, backend=backend, who=f"rank-{rank}", timeout_s=20) as g:  # type: ignore[arg-type]
         t = torch.arange(4, dtype=torch.float32) if rank == 0 else torch.zeros(4)
@@ -91,7 +85,7 @@ def _join_and_broadcast(port: int, rank: int, backend: str) -> tuple[str, str, l
 
 
 def test_real_groups_asking_auto_on_cpu_form_a_gloo_group() -> None:
-    port = _free_port()
+    port = free_port()
     with ThreadPoolExecutor(2) as pool:
         ranks = [pool.submit(_join_and_broadcast, port, r, "auto") for r in (0, 1)]
         results = [f.result(timeout=40) for f in ranks]
@@ -99,7 +93,7 @@ def test_real_groups_asking_auto_on_cpu_form_a_gloo_group() -> None:
 
 
 def test_auto_on_one_side_and_gloo_on_the_other_is_refused_naming_both() -> None:
-    port = _free_port()
+    port = free_port()
     with ThreadPoolExecutor(2) as pool:
         ranks = [pool.submit(_join_and_broadcast, port, r, b) for r, b in ((0, "auto"), (1, "gloo"))]
         errors = [f.exception(timeout=40) for f in ranks]
